@@ -1,0 +1,247 @@
+"""LoRA layers for nn.Linear, transformers' Conv1D (transposed weight), nn.Embedding, nn.Conv2d."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..base import AdapterLayer
+from . import dora
+
+
+class LoraLayer(AdapterLayer):
+    adapter_settings = ("r", "lora_alpha", "scaling", "use_dora")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+
+    def _set_hyper(self, name: str, r: int, alpha: float, use_rslora: bool, use_dora: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_dora[name] = use_dora
+
+    def _to_base_device(self, name: str) -> None:
+        weight = self.base_layer.weight
+        for param in self.adapter_parameters(name):
+            param.data = param.data.to(weight.device)
+
+
+class Linear(LoraLayer):
+    """LoRA on nn.Linear (weight [out, in]) or GPT-2's Conv1D (`fan_in_fan_out`, weight [in, out])."""
+
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        in_f, out_f = base_layer.weight.shape[::-1] if not fan_in_fan_out else base_layer.weight.shape
+        self.in_features, self.out_features = in_f, out_f
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+
+    def update_layer(self, name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights,
+                     use_rslora: bool = False, use_dora: bool = False) -> None:
+        self._set_hyper(name, r, lora_alpha, use_rslora, use_dora)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._to_base_device(name)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            nn.init.zeros_(self.lora_B[name].weight)
+        if use_dora:
+            norm = dora.weight_norm(self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight,
+                                    self.scaling[name])
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.base_layer.weight.device))
+
+    def weight_out_in(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
+        if self.use_dora[name]:
+            weight = self.weight_out_in().float()
+            norm = dora.weight_norm(weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            scale = (self.lora_magnitude_vector[name].float() / norm).unsqueeze(1)
+            delta = scale * (weight + delta) - weight
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        # DoRA's delta depends on the (now merged) weight, so unmerge DoRA by inverting its
+        # scale using the norm recorded at merge time.
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if self.use_dora[name]:
+                merged = self.weight_out_in().float()
+                scale = (self.lora_magnitude_vector[name].float() / self._merge_norms.pop(name)).unsqueeze(1)
+                lora = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
+                original = merged / scale - lora
+                weight.data.copy_((original.T if self.fan_in_fan_out else original).to(weight.dtype))
+            else:
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, names=None, safe_merge=False) -> None:
+        names = [n for n in (names or self.active_adapters) if n in self.adapter_names and n not in self.merged_adapters]
+        self._merge_norms = getattr(self, "_merge_norms", {})
+        for name in names:
+            if self.use_dora[name]:
+                self._merge_norms[name] = dora.weight_norm(
+                    self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+            super().merge([name], safe_merge)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self._base_forward(x, *args, **kwargs)
+        if self.merged or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        fast = self._fast_forward(x)
+        if fast is not None:
+            return fast
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+            dropout = self.lora_dropout[name]
+            if self.use_dora[name]:
+                result = dora.dora_linear(
+                    x, result, self.weight_out_in(), self.base_layer.bias, lora_A, lora_B,
+                    self.lora_magnitude_vector[name], self.scaling[name],
+                    dropout if isinstance(dropout, nn.Dropout) else None)
+            else:
+                x_in = dropout(x).to(lora_A.dtype)
+                result = result + (F.linear(F.linear(x_in, lora_A), lora_B) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One fused autograd op for the common case (one plain LoRA adapter); None otherwise."""
+        try:  # TEMP until kernels land
+            from ...kernels import fast_paths_enabled, lora_linear
+        except ImportError:
+            return None
+
+        if not fast_paths_enabled() or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if self.use_dora[name] or type(self.base_layer) not in _PLAIN_LINEAR_TYPES:
+            return None
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                           self.lora_B[name].weight, self.scaling[name], p, self.training, self.fan_in_fan_out)
+
+
+def _plain_linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # transformers is optional for the core
+        pass
+    return tuple(types)
+
+
+_PLAIN_LINEAR_TYPES = _plain_linear_types()
+
+
+class Embedding(LoraLayer):
+    """LoRA on nn.Embedding: A [r, num_embeddings], B [dim, r], saved without `.weight`."""
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False, use_dora=False):
+        if use_dora:
+            raise ValueError("use_dora=True is supported for Linear and Conv1D layers, not nn.Embedding; "
+                             "exclude the embedding from target_modules or set use_dora=False")
+        self._set_hyper(name, r, lora_alpha, use_rslora, use_dora)
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r))
+        if init_lora_weights is not False:  # PEFT: A = 0, B ~ N(0, 1) for embeddings
+            nn.init.zeros_(self.lora_embedding_A[name])
+            nn.init.normal_(self.lora_embedding_B[name])
+        self._to_base_device(name)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self._base_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            after_a = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
+                                  base.norm_type, base.scale_grad_by_freq, base.sparse)
+            result = result + ((after_a @ self.lora_embedding_B[name].T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class Conv2d(LoraLayer):
+    """LoRA on nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv."""
+
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def update_layer(self, name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False, use_dora=False):
+        if use_dora:
+            raise ValueError("use_dora=True is supported for Linear and Conv1D layers, not nn.Conv2d; "
+                             "exclude the conv layer from target_modules or set use_dora=False")
+        self._set_hyper(name, r, lora_alpha, use_rslora, use_dora)
+        base = self.base_layer
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._to_base_device(name)
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            nn.init.zeros_(self.lora_B[name].weight)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        if self.base_layer.kernel_size == (1, 1):
+            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        return delta * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self._base_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            x_in = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)
+            result = result + (self.lora_B[name](self.lora_A[name](x_in)) * self.scaling[name]).to(result.dtype)
+        return result

@@ -1,0 +1,246 @@
+"""PeftModel: a base model with named adapters — forward, switching, merge, save and load."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import os
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import SAFETENSORS_NAME, LoadReport, collect_adapter_state, load_adapter_weights, read_safetensors
+from .checkpoint.io import write_safetensors
+from .config import PeftConfig, TaskType
+from .injection import adapter_layers, eject_layers, inject_adapter
+from .methods import get_method
+from .methods.base import ModulesToSaveWrapper
+from .targeting import SEQ_CLS_HEAD_NAMES
+
+
+class PeftModel(nn.Module):
+    """Wraps a base model (modified in place) that carries one or more named adapters.
+
+    Attribute access and calls fall through to the base model, so `generate`, `config`,
+    `device` and friends work as on the original.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+        if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+            self._make_inputs_require_grad()
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # --- adapters ------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    @property
+    def peft_type(self) -> str:
+        return self.peft_config[self.active_adapter].peft_type
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add (but do not activate) an adapter. All adapters of a model share one method."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        existing = {c.peft_type for c in self.peft_config.values()}
+        if existing and peft_config.peft_type not in existing:
+            raise ValueError(f"Cannot add a {peft_config.peft_type} adapter to a model with {sorted(existing)} "
+                             f"adapters; use one method per model")
+        config = copy.deepcopy(peft_config)
+        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+            heads = [n for n in SEQ_CLS_HEAD_NAMES if n not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + heads
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
+        inject_adapter(self.base_model, get_method(config.peft_type), config, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._apply_active()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}")
+        self.active_adapter = adapter_name
+        self._apply_active()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"Cannot delete {adapter_name!r}, the only adapter; use unload() to get the base model back")
+        for _, layer in adapter_layers(self.base_model):
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        eject_layers(self.base_model, merge=False, only_empty=True)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config))
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        """Activate `active_adapter` in every layer and set exactly its parameters trainable."""
+        config = self.peft_config[self.active_adapter]
+        trainable = not config.inference_mode
+        for _, layer in adapter_layers(self.base_model):
+            layer.set_adapter(self.active_adapter, trainable=trainable)
+        bias = getattr(config, "bias", "none")
+        if bias != "none":
+            from .checkpoint.keys import _bias_params
+
+            for _, param in _bias_params(self.base_model, bias):
+                param.requires_grad_(trainable)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model's output."""
+        layers = [layer for _, layer in adapter_layers(self.base_model)]
+        previous = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, previous):
+                layer.disabled = was
+
+    # --- merge / unload ------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for _, layer in adapter_layers(self.base_model):
+            if not isinstance(layer, ModulesToSaveWrapper):
+                layer.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in adapter_layers(self.base_model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain base model."""
+        eject_layers(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer (no merge) and return the original base model."""
+        eject_layers(self.base_model, merge=False)
+        return self.base_model
+
+    # --- parameters ------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's layers; inputs are made to require grad so that no
+        checkpointed block sees only frozen inputs ("element 0 ... does not require grad")."""
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._make_inputs_require_grad()
+
+    def _make_inputs_require_grad(self) -> None:
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # --- save / load ----------------------------------------------------------------------------
+    def _adapter_dir(self, save_directory: str, adapter_name: str) -> str:
+        return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors under their PEFT keys."""
+        name = adapter_name or self.active_adapter
+        return collect_adapter_state(self.base_model, name, getattr(self.peft_config[name], "bias", "none"))
+
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_: object) -> None:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors; adapters other
+        than "default" go to a sub-folder named after them (PEFT's layout)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; give a folder path")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} do not exist; available adapters: {list(self.peft_config)}")
+        for name in names:
+            out = self._adapter_dir(save_directory, name)
+            os.makedirs(out, exist_ok=True)
+            write_safetensors(os.path.join(out, SAFETENSORS_NAME), self.adapter_state_dict(name))
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            config.save_pretrained(out)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, **_: object) -> "PeftModel":
+        """Attach the adapter saved in folder `model_id` to `model`."""
+        config = PeftConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        state = read_safetensors(os.path.join(model_id, SAFETENSORS_NAME))
+        peft_model = peft_model_class(type(model))(model, config, adapter_name)
+        peft_model._load_state(adapter_name, state, model_id)
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **_: object) -> LoadReport:
+        """Add the adapter saved in `model_id` under `adapter_name` (not activated)."""
+        config = PeftConfig.from_pretrained(model_id)
+        config.inference_mode = not is_trainable
+        state = read_safetensors(os.path.join(model_id, SAFETENSORS_NAME))
+        self.add_adapter(adapter_name, config)
+        return self._load_state(adapter_name, state, model_id)
+
+    def _load_state(self, adapter_name: str, state: dict, source: str) -> LoadReport:
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        report = load_adapter_weights(self.base_model, adapter_name, state, bias)
+        if report.missing_keys or report.unexpected_keys:
+            warnings.warn(f"Loading adapter {adapter_name!r} from {source!r}: {report}", stacklevel=3)
+        self._apply_active()
+        return report
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def peft_model_class(base_cls: type) -> type:
+    """A PeftModel subclass whose `forward` shows the base model's signature, so tools that
+    inspect it (transformers.Trainer's column and label detection) see the real arguments."""
+    if base_cls not in _CLASS_CACHE:
+        def forward(self, *args, **kwargs):
+            return self.base_model(*args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.signature(base_cls.forward)
+        except (TypeError, ValueError):
+            pass
+        _CLASS_CACHE[base_cls] = type(f"PeftModelFor{base_cls.__name__}", (PeftModel,),
+                                      {"forward": forward, "__module__": __name__})
+    return _CLASS_CACHE[base_cls]
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Freeze `model`, add adapter `adapter_name` described by `peft_config`, return the wrapper."""
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+    return peft_model_class(type(model))(model, peft_config, adapter_name)
