@@ -1,0 +1,42 @@
+"""Target matching follows PEFT's rules exactly: compare adapted module sets with `peft`."""
+import peft
+import pytest
+
+import peftkit
+from peftkit.methods.base import AdapterLayer
+from tiny_models import FACTORIES
+
+CONFIGS = [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("llama", dict(target_modules="all-linear")),
+    ("llama", dict(target_modules=r".*layers\.1\..*proj")),
+    ("llama", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=0)),
+    ("llama", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern="layers")),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["o_proj", "model.layers.0.mlp.up_proj"])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=r".*mlp.*")),
+    ("llama", dict(target_modules=["model.layers.1.self_attn.k_proj", "embed_tokens"])),
+    ("llama", dict()),
+    ("gpt2", dict()),
+    ("gpt2", dict(target_modules="all-linear")),
+    ("bert", dict(task_type="SEQ_CLS", target_modules="all-linear")),
+    ("bert", dict(task_type="SEQ_CLS")),
+    ("t5", dict()),
+]
+
+
+
+@pytest.mark.parametrize("kind,kwargs", CONFIGS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CONFIGS)])
+def test_same_modules_as_peft(kind, kwargs):
+    ours = peftkit.get_peft_model(FACTORIES[kind](), peftkit.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(FACTORIES[kind](), peft.LoraConfig(**kwargs))
+    our_paths = sorted(n.replace("base_model.", "", 1) for n, m in ours.named_modules()
+                       if isinstance(m, peftkit.methods.lora.LoraLayer))
+    their_paths = sorted(n.replace("base_model.model.", "", 1) for n, m in theirs.named_modules()
+                         if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert our_paths and our_paths == their_paths
+
+
+def test_all_linear_skips_the_output_head():
+    model = peftkit.get_peft_model(FACTORIES["llama"](), peftkit.LoraConfig(target_modules="all-linear"))
+    assert "lm_head" not in model.peft_config["default"].target_modules
+    assert type(model.base_model.lm_head).__name__ == "Linear"
