@@ -1,0 +1,218 @@
+"""One row -> token ids and labels, per task and format, with the overflow policy applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .chat import chat_mask, chat_texts
+from .errors import DataError, RowError
+from .formats import alpaca_prompt, normalize_label, row_problem
+
+IGNORE_INDEX = -100  # label of a position that is not trained (torch cross-entropy's ignore_index)
+
+
+@dataclass
+class TokenizedRow:
+    """input_ids [n]; labels [n] (causal-lm), [m] target ids (seq2seq) or a class index (seq-cls)."""
+
+    input_ids: list[int]
+    labels: list[int] | int
+    truncated: bool = False
+    dropped: bool = False
+
+    @property
+    def trained_tokens(self) -> int:
+        if isinstance(self.labels, int):
+            return 0
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+class RowTokenizer:
+    """Turns checked rows of one format into `TokenizedRow`s for one task.
+
+    Raises `RowError` (no location) for a row that cannot be tokenized or, under
+    `overflow="error"`, is too long.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        task: str,
+        fmt: str,
+        *,
+        max_length: int,
+        overflow: str,
+        train_on: str,
+        add_eos: bool,
+        system_prompt: str | None,
+        label_index: dict[str | int, int] | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.task, self.fmt = task, fmt
+        self.max_length, self.overflow = max_length, overflow
+        self.train_on, self.add_eos = train_on, add_eos
+        self.system_prompt = system_prompt
+        self.label_index = label_index
+        self.eos_id = tokenizer.eos_token_id
+        if add_eos and task != "seq-cls" and self.eos_id is None:
+            raise DataError(
+                "data.add_eos is true but the tokenizer has no eos_token; set tokenizer.eos_token or add_eos: false"
+            )
+        self.prefix_ids = _special_prefix(tokenizer)
+
+    def __call__(self, row: dict[str, Any]) -> TokenizedRow:
+        """Tokenize one row; raises `RowError`."""
+        result = self.tokenize_batch([row])[0]
+        if isinstance(result, RowError):
+            raise result
+        return result
+
+    def tokenize_batch(self, rows: list[dict[str, Any]]) -> list[TokenizedRow | RowError]:
+        """Tokenize rows with one tokenizer call per kind of text; a bad row yields its `RowError`."""
+        pending: list[_Pending | RowError] = []
+        for row in rows:
+            try:
+                problem = row_problem(row, self.fmt)
+                if problem:
+                    raise RowError(problem)
+                pending.append(self._start(row))
+            except RowError as exc:
+                pending.append(exc)
+        plain = self._encode_many([t for p in pending if isinstance(p, _Pending) for t in p.plain], False)
+        special = self._encode_many([t for p in pending if isinstance(p, _Pending) for t in p.special], True)
+        out: list[TokenizedRow | RowError] = []
+        a = b = 0
+        for p in pending:
+            if isinstance(p, RowError):
+                out.append(p)
+                continue
+            plain_ids, special_ids = plain[a : a + len(p.plain)], special[b : b + len(p.special)]
+            a, b = a + len(p.plain), b + len(p.special)
+            try:
+                out.append(p.finish(plain_ids, special_ids))
+            except RowError as exc:
+                out.append(exc)
+        return out
+
+    def _start(self, row: dict[str, Any]) -> "_Pending":
+        """The texts a row needs encoded, and how to turn their ids into a `TokenizedRow`."""
+        if self.task == "seq-cls":
+            label = normalize_label(row["label"])
+            return _Pending([], [row["text"]], lambda _, s: self._classification(row["text"], label, s[0]))
+        if self.task == "seq2seq":
+            prompt, completion = self._prompt_completion(row)
+            return _Pending([completion], [prompt], lambda p, s: self._seq2seq(prompt, s[0], p[0]))
+        if self.fmt == "messages":
+            texts, turns = chat_texts(self.tokenizer, row["messages"], self.system_prompt)
+            return _Pending(texts, [], lambda p, _: self._causal(*chat_mask(p, turns, self.train_on)))
+        if self.fmt == "text":
+            return _Pending([row["text"]], [], lambda p, _: self._causal(self.prefix_ids + list(p[0]), None))
+        prompt, completion = self._prompt_completion(row)
+
+        def finish(p: list[list[int]], _: list[list[int]]) -> TokenizedRow:
+            prompt_ids = self.prefix_ids + list(p[0])
+            train_prompt = self.train_on == "all"
+            return self._causal(prompt_ids + list(p[1]), [train_prompt] * len(prompt_ids) + [True] * len(p[1]))
+
+        return _Pending([prompt, completion], [], finish)
+
+    def _causal(self, ids: list[int], trained: list[bool] | None) -> TokenizedRow:
+        """Append EOS, build labels (-100 where untrained) and apply the overflow policy."""
+        trained = [True] * len(ids) if trained is None else trained
+        if self.add_eos and not self._ends_with_eos(ids):
+            ids, trained = ids + [self.eos_id], trained + [True]
+        labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
+        # Position 0 is never predicted; masking it also keeps a packed row's first token
+        # from being trained as the continuation of the row before it.
+        labels[0] = IGNORE_INDEX
+        return self._fit(TokenizedRow(ids, labels))
+
+    def _seq2seq(self, prompt: str, input_ids: list[int], completion_ids: list[int]) -> TokenizedRow:
+        input_ids = list(input_ids)
+        labels = list(completion_ids) + ([self.eos_id] if self.add_eos else [])
+        longest = max(len(input_ids), len(labels))
+        if longest <= self.max_length:
+            return TokenizedRow(input_ids, labels)
+        if self.overflow == "error":
+            raise self._too_long(longest, "prompt or target ")
+        if self.overflow == "drop":
+            return TokenizedRow([], [], dropped=True)
+        if len(input_ids) > self.max_length:
+            input_ids = self.tokenizer(prompt, add_special_tokens=True, truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+        return TokenizedRow(input_ids, labels[: self.max_length], truncated=True)
+
+    def _classification(self, text: str, label: str | int, input_ids: list[int]) -> TokenizedRow:
+        assert self.label_index is not None
+        if label not in self.label_index:
+            known = list(self.label_index)
+            shown = known if len(known) <= 20 else known[:20] + ["..."]
+            raise RowError(f"label {label!r} does not occur in the training data; training labels: {shown}")
+        input_ids = list(input_ids)
+        if len(input_ids) <= self.max_length:
+            return TokenizedRow(input_ids, self.label_index[label])
+        if self.overflow == "error":
+            raise self._too_long(len(input_ids))
+        if self.overflow == "drop":
+            return TokenizedRow([], self.label_index[label], dropped=True)
+        # The tokenizer truncates inside its special tokens ([CLS] ... [SEP] stays intact).
+        input_ids = self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=self.max_length)[
+            "input_ids"
+        ]
+        return TokenizedRow(input_ids, self.label_index[label], truncated=True)
+
+    def _prompt_completion(self, row: dict[str, Any]) -> tuple[str, str]:
+        if self.fmt == "alpaca":
+            return alpaca_prompt(row["instruction"], row.get("input"), self.system_prompt), row["output"]
+        return row["prompt"] or "", row["completion"]
+
+    def _fit(self, row: TokenizedRow) -> TokenizedRow:
+        n = len(row.input_ids)
+        if n <= self.max_length:
+            return row
+        if self.overflow == "error":
+            raise self._too_long(n)
+        if self.overflow == "drop":
+            return TokenizedRow([], [], dropped=True)
+        return TokenizedRow(row.input_ids[: self.max_length], row.labels[: self.max_length], truncated=True)
+
+    def _too_long(self, n: int, what: str = "") -> RowError:
+        return RowError(
+            f"{what}has {n} tokens, more than data.max_length={self.max_length} (data.overflow='error'; "
+            "use 'truncate' or 'drop' to keep going, or raise max_length)"
+        )
+
+    def _encode_many(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _ends_with_eos(self, ids: list[int]) -> bool:
+        """True when the last EOS is followed by nothing but whitespace (e.g. a template's final newline)."""
+        if self.eos_id not in ids:
+            return False
+        last = len(ids) - 1 - ids[::-1].index(self.eos_id)
+        tail = ids[last + 1 :]
+        return not tail or not self.tokenizer.decode(tail).strip()
+
+
+@dataclass
+class _Pending:
+    """A row waiting for its texts to be encoded: `plain` without, `special` with special tokens."""
+
+    plain: list[str]
+    special: list[str]
+    finish: Callable[[list[list[int]], list[list[int]]], TokenizedRow]
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before text (e.g. BOS), found by encoding a probe with and without."""
+    probe = "a"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    return []
