@@ -46,6 +46,8 @@ def _bias_params(model: nn.Module, bias: str):
                 yield f"{path}.bias", b
     elif bias == "lora_only":
         for path, layer in _adapter_layers(model):
+            if isinstance(layer, ModulesToSaveWrapper):
+                continue  # a whole-module copy is trained and saved by itself
             b = getattr(layer.base_layer, "bias", None)
             if isinstance(b, nn.Parameter):
                 yield f"{path}.base_layer.bias", b

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...config import PeftConfig
+from .init import init_problem
 
-INIT_CHOICES = (True, False, "gaussian")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -16,6 +16,15 @@ class LoraConfig(PeftConfig):
 
     `target_modules`: list of names (exact or `.name` suffix), a full-match regex string, or
     "all-linear"; None picks the architecture's default.
+
+    `init_lora_weights`: True (A kaiming-uniform, B = 0), False (both random: the adapter is not
+    a no-op), "gaussian" (A ~ N(0, 1/r^2), B = 0), "pissa" / "pissa_niter_[N]" (principal singular
+    vectors, full or randomized SVD with N subspace iterations) or "olora" (QR). PiSSA and OLoRA
+    CHANGE THE BASE WEIGHTS, as in PEFT: the principal part moves into A and B and the base keeps
+    the residual, so the fresh model's output is unchanged. Loading an adapter whose config says
+    pissa/olora re-runs the decomposition on the base it is loaded onto (PEFT does the same), so
+    load it onto the ORIGINAL base; a model saved after the change already holds the residual and
+    needs the adapter's config set to `init_lora_weights=True`. Embeddings get the default init.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -52,8 +61,9 @@ class LoraConfig(PeftConfig):
             out.append(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1)")
         if self.bias not in BIAS_CHOICES:
             out.append(f"bias={self.bias!r} is not one of {list(BIAS_CHOICES)}")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_CHOICES):
-            out.append(f"init_lora_weights={self.init_lora_weights!r} is not one of {list(INIT_CHOICES)}")
+        init_issue = init_problem(self.init_lora_weights)
+        if init_issue:
+            out.append(init_issue)
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
             out.append(f"target_modules={self.target_modules!r} must be a list of names, a regex string or 'all-linear'")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):

@@ -8,7 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import AdapterLayer
-from . import dora
+from . import dora, init
+
+
+@torch.no_grad()
+def _set_initial(param_A: nn.Parameter, param_B: nn.Parameter, lora_A: torch.Tensor | None,
+                 lora_B: torch.Tensor | None) -> None:
+    """Put an init scheme's factors into freshly created (fp32) adapter parameters."""
+    if lora_A is not None:
+        param_A.data = lora_A.to(device=param_A.device, dtype=param_A.dtype).contiguous()
+        param_B.data = lora_B.to(device=param_B.device, dtype=param_B.dtype).contiguous()
 
 
 class LoraLayer(AdapterLayer):
@@ -54,13 +63,13 @@ class Linear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        lora_A, lora_B, new_weight = init.initial_weights(
+            init_lora_weights, tuple(self.lora_A[name].weight.shape), tuple(self.lora_B[name].weight.shape), r,
+            self.scaling[name], base_weight=self.base_layer.weight, fan_in_fan_out=self.fan_in_fan_out)
+        _set_initial(self.lora_A[name].weight, self.lora_B[name].weight, lora_A, lora_B)
+        if new_weight is not None:  # PiSSA / OLoRA: the base keeps only the residual
+            self.base_layer.weight.data = new_weight
         self._to_base_device(name)
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[name].weight)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-            nn.init.zeros_(self.lora_B[name].weight)
         if use_dora:
             norm = dora.weight_norm(self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight,
                                     self.scaling[name])
@@ -214,18 +223,18 @@ class Conv2d(LoraLayer):
         if use_dora:
             raise ValueError("use_dora=True is supported for Linear and Conv1D layers, not nn.Conv2d; "
                              "exclude the conv layer from target_modules or set use_dora=False")
+        if init.parse_init(init_lora_weights).changes_base_weights:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is supported for Linear and Conv1D layers, not "
+                             f"nn.Conv2d; exclude the conv layer from target_modules or use True or 'gaussian'")
         self._set_hyper(name, r, lora_alpha, use_rslora, use_dora)
         base = self.base_layer
         self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
         self.lora_B[name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        lora_A, lora_B, _ = init.initial_weights(init_lora_weights, tuple(self.lora_A[name].weight.shape),
+                                                 tuple(self.lora_B[name].weight.shape), r, self.scaling[name])
+        _set_initial(self.lora_A[name].weight, self.lora_B[name].weight, lora_A, lora_B)
         self._to_base_device(name)
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[name].weight)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-            nn.init.zeros_(self.lora_B[name].weight)
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
