@@ -1,0 +1,40 @@
+"""Fast paths for the hot ops of LoRA training, each with a plain reference implementation.
+
+- `lora_linear`: base linear + LoRA branch as one autograd node (saves x once, regenerates
+  the dropout mask in backward).
+- `linear_cross_entropy` / `causal_lm_loss`: lm_head + cross-entropy in row chunks, never
+  materialising the full logits.
+- `dora_weight_norm`: DoRA's row norm of W + s·B A without forming that matrix.
+
+`set_fast_paths(False)` (or `with fast_paths(False):`, or PEFTKIT_FAST_PATHS=0 in the
+environment) routes every op to its reference; `register_kernel` plugs in a device-specific
+kernel (e.g. Triton for "cuda") behind the same call.
+"""
+from ._dispatch import fast_paths, fast_paths_enabled, register_kernel, set_fast_paths
+from .cross_entropy import (
+    auto_chunk_rows,
+    causal_lm_loss,
+    causal_lm_loss_reference,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+from .dora import dora_weight_norm, dora_weight_norm_reference, weight_row_sq_norm
+from .lora_linear import dropout_keep_mask, lora_linear, lora_linear_reference
+
+__all__ = [
+    "auto_chunk_rows",
+    "causal_lm_loss",
+    "causal_lm_loss_reference",
+    "dora_weight_norm",
+    "dora_weight_norm_reference",
+    "dropout_keep_mask",
+    "fast_paths",
+    "fast_paths_enabled",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "register_kernel",
+    "set_fast_paths",
+    "weight_row_sq_norm",
+]
