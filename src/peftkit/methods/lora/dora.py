@@ -1,18 +1,12 @@
 """DoRA (weight-decomposed LoRA): W' = m * (W + s B A) / ||W + s B A||_row.
 
-As in PEFT (and the DoRA paper, sec. 4.3) the norm is treated as a constant in backward.
+As in PEFT (and the DoRA paper, sec. 4.3) the norm is treated as a constant in backward;
+it comes from `kernels.dora_weight_norm`, which never forms W + s B A.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Row norms [out] of `weight [out, in] + scaling * lora_B @ lora_A`, detached, in fp32."""
-    with torch.no_grad():
-        full = weight.float() + scaling * (lora_B.float() @ lora_A.float())
-        return full.norm(p=2, dim=1)
 
 
 def dora_linear(
@@ -25,13 +19,13 @@ def dora_linear(
     magnitude: torch.Tensor,
     scaling: float,
     dropout,
-    norm: torch.Tensor | None = None,
+    norm: torch.Tensor,
 ) -> torch.Tensor:
-    """Add DoRA's correction to `result = base(x)`; `weight` is [out, in].
+    """Add DoRA's correction to `result = base(x)`; `weight` is [out, in], `norm` [out].
 
-    With dropout active the base term is recomputed on the dropped input, exactly like PEFT.
+    The plain path, step for step as PEFT computes it: with dropout active the base term is
+    recomputed on the dropped input.
     """
-    norm = weight_norm(weight, lora_A, lora_B, scaling) if norm is None else norm
     mag_scale = (magnitude / norm.to(magnitude.dtype)).view(*([1] * (x.dim() - 1)), -1)
     if dropout is None or not dropout.training or dropout.p == 0:
         base_result = result if bias is None else result - bias

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import AdapterLayer
+from ...kernels import dora_weight_norm, fast_paths_enabled, lora_linear, weight_row_sq_norm
 from . import dora, init
 
 
@@ -56,6 +57,7 @@ class Linear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self._forget_norms()
 
     def update_layer(self, name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights,
                      use_rslora: bool = False, use_dora: bool = False) -> None:
@@ -70,21 +72,39 @@ class Linear(LoraLayer):
         if new_weight is not None:  # PiSSA / OLoRA: the base keeps only the residual
             self.base_layer.weight.data = new_weight
         self._to_base_device(name)
+        self._forget_norms()
         if use_dora:
-            norm = dora.weight_norm(self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight,
-                                    self.scaling[name])
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(self.base_layer.weight.device))
+            self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name).clone())
 
     def weight_out_in(self) -> torch.Tensor:
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
+    # --- DoRA norms: ||W + s B A|| per row, with ||W||^2 cached (the base is frozen) and the
+    # whole norm cached in eval mode, keyed by the versions of A and B.
+    def _forget_norms(self) -> None:
+        self._base_sq_norm = None
+        self._norm_cache: dict = {}
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        key = (lora_A._version, lora_B._version)
+        cached = self._norm_cache.get(name)
+        if not self.training and cached is not None and cached[0] == key:
+            return cached[1]
+        if self._base_sq_norm is None:
+            self._base_sq_norm = weight_row_sq_norm(self.base_layer.weight, self.fan_in_fan_out)
+        norm = dora_weight_norm(self.base_layer.weight, lora_A, lora_B, self.scaling[name], self._base_sq_norm,
+                                self.fan_in_fan_out)
+        if not self.training:
+            self._norm_cache[name] = (key, norm)
+        return norm
+
     def get_delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
         if self.use_dora[name]:
             weight = self.weight_out_in().float()
-            norm = dora.weight_norm(weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-            scale = (self.lora_magnitude_vector[name].float() / norm).unsqueeze(1)
+            scale = (self.lora_magnitude_vector[name].float() / self._dora_norm(name)).unsqueeze(1)
             delta = scale * (weight + delta) - weight
         return delta.T if self.fan_in_fan_out else delta
 
@@ -103,6 +123,7 @@ class Linear(LoraLayer):
                 weight.data.copy_((original.T if self.fan_in_fan_out else original).to(weight.dtype))
             else:
                 weight.data -= self.get_delta_weight(name).to(weight.dtype)
+        self._forget_norms()
 
     @torch.no_grad()
     def merge(self, names=None, safe_merge=False) -> None:
@@ -110,18 +131,19 @@ class Linear(LoraLayer):
         self._merge_norms = getattr(self, "_merge_norms", {})
         for name in names:
             if self.use_dora[name]:
-                self._merge_norms[name] = dora.weight_norm(
-                    self.weight_out_in(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+                self._merge_norms[name] = self._dora_norm(name)
             super().merge([name], safe_merge)
+            self._forget_norms()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             return self._base_forward(x, *args, **kwargs)
         if self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
-        fast = self._fast_forward(x)
-        if fast is not None:
-            return fast
+        if fast_paths_enabled() and len(self.active_adapters) == 1 and type(self.base_layer) in _PLAIN_LINEAR_TYPES:
+            fast = self._fused_forward(x, self.active_adapters[0])
+            if fast is not None:
+                return fast
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -130,28 +152,31 @@ class Linear(LoraLayer):
                 result = dora.dora_linear(
                     x, result, self.weight_out_in(), self.base_layer.bias, lora_A, lora_B,
                     self.lora_magnitude_vector[name], self.scaling[name],
-                    dropout if isinstance(dropout, nn.Dropout) else None)
+                    dropout if isinstance(dropout, nn.Dropout) else None, norm=self._dora_norm(name))
             else:
                 x_in = dropout(x).to(lora_A.dtype)
                 result = result + (F.linear(F.linear(x_in, lora_A), lora_B) * self.scaling[name]).to(result.dtype)
         return result
 
-    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """One fused autograd op for the common case (one plain LoRA adapter); None otherwise."""
-        try:  # TEMP until kernels land
-            from ...kernels import fast_paths_enabled, lora_linear
-        except ImportError:
-            return None
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """Base + LoRA as one autograd node (`kernels.lora_linear`); None where it does not apply.
 
-        if not fast_paths_enabled() or len(self.active_adapters) != 1:
-            return None
-        name = self.active_adapters[0]
-        if self.use_dora[name] or type(self.base_layer) not in _PLAIN_LINEAR_TYPES:
-            return None
+        DoRA without active dropout is m / ||W + sBA|| * (x W^T + s x A^T B^T) + b, the same
+        fused node scaled per output row. PEFT's DoRA with dropout recomputes the base on the
+        dropped input; that case keeps the plain path.
+        """
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                           self.lora_B[name].weight, self.scaling[name], p, self.training, self.fan_in_fan_out)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        lora_A, lora_B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if not self.use_dora[name]:
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, self.training, self.fan_in_fan_out)
+        if self.training and p > 0:
+            return None
+        scale = self.lora_magnitude_vector[name] / self._dora_norm(name)
+        out = lora_linear(x, weight, None, lora_A, lora_B, scaling, 0.0, False, self.fan_in_fan_out)
+        out = out * scale.to(out.dtype)
+        return out if bias is None else out + bias
 
 
 def _plain_linear_types() -> tuple[type, ...]:

@@ -1,0 +1,190 @@
+"""`transformers.Trainer` whose checkpoints hold only the adapter, in PEFT's on-disk format.
+
+The stock Trainer only recognises the `peft` library's PeftModel: given a peftkit model it
+writes the whole base model into every checkpoint and, on resume, loads that full state dict.
+This subclass overrides the three hooks that decide what a checkpoint holds
+(`_save`, `_load_from_checkpoint`, `_load_best_model`): a checkpoint folder then holds
+`adapter_config.json` + `adapter_model.safetensors` (non-default adapters in sub-folders,
+as `PeftModel.save_pretrained` lays them out) next to the optimizer, scheduler, RNG and
+trainer state that Trainer saves as usual. Loading copies the weights into the existing
+adapter tensors in place, so the optimizer (whose state is keyed by those tensors) stays valid.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+import transformers
+from transformers.trainer_pt_utils import LabelSmoother
+
+from ..checkpoint import SAFETENSORS_NAME, read_safetensors, write_safetensors
+from ..model import PeftModel
+
+# Trainer's name for the pickled TrainingArguments it writes next to every saved model.
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's adapter does not fit the model being trained (missing or extra tensors)."""
+
+
+class Trainer(transformers.Trainer):
+    """A `transformers.Trainer` for a peftkit `PeftModel`; every argument is Trainer's.
+
+    Differences from the stock Trainer: checkpoints and `save_model()` write only the adapter
+    (PEFT format, loadable with `peftkit.PeftModel.from_pretrained` or `peft.PeftModel`);
+    `resume_from_checkpoint` and `load_best_model_at_end` load the adapter in place; label
+    smoothing shifts labels for causal LMs as Trainer does for `peft` models.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _require_peft_model(self.model)
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "peftkit.integrations.Trainer does not support FSDP: it saves and loads the adapter of the "
+                "local, unsharded model. Use DDP or DeepSpeed ZeRO-1/2, or transformers.Trainer (full-model "
+                "checkpoints)"
+            )
+        if self.label_smoother is not None and _is_causal_lm(self.model.get_base_model()):
+            # Trainer picks the label shift from the model's class name, which for a peftkit
+            # wrapper is not a causal-LM name; without the shift each position would be
+            # scored against its own token instead of the next one.
+            self.label_smoother = _ShiftingLabelSmoother(self.label_smoother.epsilon,
+                                                         self.label_smoother.ignore_index)
+
+    def _peft_model(self, model: nn.Module | None = None) -> PeftModel:
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model, keep_torch_compile=False)
+        _require_peft_model(unwrapped)
+        return unwrapped
+
+    # --- saving ---------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter(s), tokenizer/processor and training arguments to `output_dir`.
+
+        `state_dict` (full-model keys) is what Trainer gathered under DeepSpeed; its tensors
+        are used instead of the local ones.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self._peft_model()
+        if state_dict is None:
+            model.save_pretrained(output_dir)
+        else:
+            _save_gathered(model, output_dir, state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif getattr(self.data_collator, "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    # --- loading --------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: copy the checkpoint's adapter into the model in place. A checkpoint that holds
+        full-model weights (written by the stock Trainer) is loaded by Trainer itself."""
+        peft_model = self._peft_model(model)
+        if not has_adapter_files(resume_from_checkpoint, peft_model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapters_in_place(peft_model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        peft_model = self._peft_model()
+        if self.is_deepspeed_enabled or not has_adapter_files(best, peft_model):  # DeepSpeed: its engine files
+            return super()._load_best_model()
+        load_adapters_in_place(peft_model, best)
+
+
+def _require_peft_model(model: nn.Module) -> None:
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"peftkit.integrations.Trainer trains a peftkit PeftModel, got {type(model).__name__}; "
+            f"wrap the model with peftkit.get_peft_model(model, config), or use transformers.Trainer "
+            f"for a plain model"
+        )
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+class _ShiftingLabelSmoother(LabelSmoother):
+    def __call__(self, model_output, labels, shift_labels: bool = False, num_items_in_batch=None):
+        return super().__call__(model_output, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+
+
+def adapter_dir(root: str, adapter_name: str) -> str:
+    """Where an adapter lives in a saved folder: the root for "default", else a sub-folder
+    named after it (PEFT's layout, as written by `PeftModel.save_pretrained`)."""
+    return root if adapter_name == "default" else os.path.join(root, adapter_name)
+
+
+def has_adapter_files(folder: str | None, model: PeftModel) -> bool:
+    """True when `folder` holds a saved adapter for at least one of `model`'s adapters."""
+    if not folder:
+        return False
+    return any(os.path.isfile(os.path.join(adapter_dir(folder, name), SAFETENSORS_NAME)) for name in model.peft_config)
+
+
+def load_adapters_in_place(model: PeftModel, folder: str) -> None:
+    """Copy every adapter of `model` from `folder` into the model's existing tensors.
+
+    Strict: a missing adapter file, a missing or unexpected tensor, or a shape mismatch raises,
+    because resuming on a partly loaded adapter silently trains something else.
+    """
+    problems = []
+    states = {}
+    for name in model.peft_config:
+        path = os.path.join(adapter_dir(folder, name), SAFETENSORS_NAME)
+        if not os.path.isfile(path):
+            problems.append(f"adapter {name!r}: no {path!r}")
+            continue
+        states[name] = read_safetensors(path)
+    if problems:
+        raise CheckpointMismatchError(f"Checkpoint {folder!r} does not hold every adapter of the model "
+                                      f"(adapters: {list(model.peft_config)}):\n- " + "\n- ".join(problems))
+    for name, state in states.items():
+        # PeftModel's own loader knows each method's layout (layer adapters, prompt encoders);
+        # its warning about a partial load is replaced by the error below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = model._load_state(name, state, folder)
+        if report.missing_keys or report.unexpected_keys:
+            raise CheckpointMismatchError(f"Checkpoint {folder!r}, adapter {name!r}: {report}. The checkpoint was "
+                                          f"written for a different adapter config (r, target_modules, bias...)")
+
+
+def _save_gathered(model: PeftModel, output_dir: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Save each adapter with its values taken from `state_dict` (keys as in `model.state_dict()`)."""
+    names_by_storage = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() > 0:
+            names_by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), name)
+    for adapter in model.peft_config:
+        local = model.adapter_state_dict(adapter)
+        gathered = {}
+        for key, tensor in local.items():
+            name = names_by_storage.get((tensor.data_ptr(), tuple(tensor.shape))) if tensor.numel() > 0 else None
+            if name is None or name not in state_dict:
+                raise ValueError(
+                    f"Cannot find adapter tensor {key} (shape {tuple(tensor.shape)}) in the gathered state dict "
+                    f"Trainer passed to _save: the local tensor is sharded (DeepSpeed ZeRO-3) or computed, not a "
+                    f"parameter (e.g. prefix tuning's projection). Use ZeRO-1/2, or gather the parameters and "
+                    f"call model.save_pretrained() after training"
+                )
+            gathered[key] = state_dict[name]
+        out = adapter_dir(output_dir, adapter)
+        os.makedirs(out, exist_ok=True)
+        write_safetensors(os.path.join(out, SAFETENSORS_NAME), gathered)
+        # As PeftModel.save_pretrained: a saved adapter loads for inference unless asked otherwise.
+        config = copy.deepcopy(model.peft_config[adapter])
+        config.inference_mode = True
+        config.save_pretrained(out)
