@@ -278,3 +278,15 @@ def test_adapter_management_errors():
         model.save_pretrained("/tmp/never", selected_adapters=["x"])
     with pytest.raises(ValueError, match="already a PeftModel"):
         get_peft_model(model, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_wrapped_modules_still_expose_weight_and_follow_eval_mode():
+    from tiny_models import t5
+
+    model = get_peft_model(t5(), LoraConfig(r=2, target_modules=["wo"], lora_dropout=0.5))
+    batch = inputs_for("t5")
+    perturb_trainable(model)
+    first, second = logits(model, batch), logits(model, batch)  # T5 reads wo.weight.dtype
+    assert torch.equal(first, second)  # the base was in eval mode, so dropout stays off
+    model.train()
+    assert not torch.equal(model(**batch).logits, model(**batch).logits)

@@ -24,6 +24,8 @@ def inject_adapter(model: nn.Module, method: Method, config, adapter_name: str) 
     Resolves `target_modules` (None / "all-linear") into names and writes them back to the
     config, as PEFT does, so the saved config says exactly what was adapted.
     """
+    if method.prepare_config is not None:
+        method.prepare_config(model, config)
     config.target_modules = resolve_targets(model, config, method.default_targets)
     modules = list(model.named_modules())
     layer_paths = [p for p, m in modules if isinstance(m, AdapterLayer)]
@@ -37,6 +39,7 @@ def inject_adapter(model: nn.Module, method: Method, config, adapter_name: str) 
         if layer is None:
             unsupported.append(f"{path} ({type(module).__name__})")
             continue
+        layer.train(module.training)  # new adapter parts follow the model's train/eval mode
         if layer is not module:
             set_submodule(model, path, layer)
         adapted.append(path)

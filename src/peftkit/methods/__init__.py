@@ -26,6 +26,9 @@ class Method:
     default_targets: dict = field(default_factory=dict)
     # Whole-model methods (prompt tuning) wrap the model's forward instead of layers.
     prompt_learning: bool = False
+    # (model, config) -> None: fills config fields whose defaults depend on the model (IA3's
+    # feedforward_modules per model_type) before targets are resolved.
+    prepare_config: Callable[..., None] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

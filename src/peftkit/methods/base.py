@@ -24,6 +24,15 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         self.merged_adapters: list[str] = []
 
+    # Code in transformers reads e.g. `self.wo.weight.dtype` on the modules we wrap.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # --- bookkeeping ---------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -179,6 +188,14 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def unmerge(self) -> None:
         pass
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.active_module().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.active_module(), "bias", None)
 
     def active_module(self) -> nn.Module:
         if self.disabled or not self.active_adapters:
