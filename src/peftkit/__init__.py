@@ -1,8 +1,18 @@
 """peftkit: parameter-efficient fine-tuning with PEFT-compatible adapters."""
 from .config import PeftConfig, TaskType
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["PeftConfig", "TaskType", "LoraConfig", "PeftModel", "get_peft_model"]
+__all__ = [
+    "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "PromptTuningConfig",
+    "PromptTuningInit", "PrefixTuningConfig", "PeftModel", "get_peft_model",
+]
+# The training loop (it pulls in accelerate) is imported on its own:
+#     from peftkit.train import TrainConfig, train

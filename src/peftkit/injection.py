@@ -54,7 +54,7 @@ def inject_adapter(model: nn.Module, method: Method, config, adapter_name: str) 
             + _filters_note(config)
             + f". Module names that exist: {targetable_names(model)}"
         )
-    _add_modules_to_save(model, config.modules_to_save or [], adapter_name)
+    add_modules_to_save(model, config.modules_to_save or [], adapter_name)
     return adapted
 
 
@@ -67,7 +67,7 @@ def _filters_note(config) -> str:
     return f" (with {', '.join(notes)})" if notes else ""
 
 
-def _add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> None:
+def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> None:
     if not names:
         return
     wrapped = [p for p, m in model.named_modules() if isinstance(m, AdapterLayer)]

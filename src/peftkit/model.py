@@ -14,17 +14,19 @@ import torch.nn as nn
 from .checkpoint import SAFETENSORS_NAME, LoadReport, collect_adapter_state, load_adapter_weights, read_safetensors
 from .checkpoint.io import write_safetensors
 from .config import PeftConfig, TaskType
-from .injection import adapter_layers, eject_layers, inject_adapter
+from .injection import add_modules_to_save, adapter_layers, eject_layers, inject_adapter
 from .methods import get_method
 from .methods.base import ModulesToSaveWrapper
+from .methods.prompt_tuning.learning import load_prompt_learning_state, prompt_learning_state
 from .targeting import SEQ_CLS_HEAD_NAMES
 
 
 class PeftModel(nn.Module):
     """Wraps a base model (modified in place) that carries one or more named adapters.
 
-    Attribute access and calls fall through to the base model, so `generate`, `config`,
-    `device` and friends work as on the original.
+    Attribute access and calls fall through to the base model, so `config`, `device` and
+    friends work as on the original. Prompt-learning adapters (prompt/prefix tuning) live in
+    `prompt_encoder` (one encoder per adapter) and take over `forward` and `generate`.
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
@@ -32,11 +34,16 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
+        self.prompt_encoder = nn.ModuleDict()
+        self._prompt_disabled = False
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
-        if getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False)):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing:
             self._make_inputs_require_grad()
 
     def __getattr__(self, name: str):
@@ -48,7 +55,21 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        encoder = self._active_prompt_encoder()
+        if encoder is None:
+            return self.base_model(*args, **kwargs)
+        return encoder.run(self.base_model, args, kwargs)
+
+    def generate(self, *args, **kwargs):
+        encoder = self._active_prompt_encoder()
+        if encoder is None:
+            return self.base_model.generate(*args, **kwargs)
+        return encoder.generate(self.base_model, args, kwargs)
+
+    def _active_prompt_encoder(self) -> nn.Module | None:
+        if self._prompt_disabled or self.active_adapter not in self.prompt_encoder:
+            return None
+        return self.prompt_encoder[self.active_adapter]
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -76,7 +97,12 @@ class PeftModel(nn.Module):
             config.modules_to_save = list(config.modules_to_save or []) + heads
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
-        inject_adapter(self.base_model, get_method(config.peft_type), config, adapter_name)
+        method = get_method(config.peft_type)
+        if method.prompt_learning:
+            self.prompt_encoder[adapter_name] = method.create_encoder(self.base_model, config)
+            add_modules_to_save(self.base_model, config.modules_to_save or [], adapter_name)
+        else:
+            inject_adapter(self.base_model, method, config, adapter_name)
         self.peft_config[adapter_name] = config
         self._apply_active()
 
@@ -93,6 +119,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"Cannot delete {adapter_name!r}, the only adapter; use unload() to get the base model back")
         for _, layer in adapter_layers(self.base_model):
             layer.delete_adapter(adapter_name)
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         eject_layers(self.base_model, merge=False, only_empty=True)
         if self.active_adapter == adapter_name:
@@ -105,6 +133,8 @@ class PeftModel(nn.Module):
         trainable = not config.inference_mode
         for _, layer in adapter_layers(self.base_model):
             layer.set_adapter(self.active_adapter, trainable=trainable)
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(trainable and name == self.active_adapter)
         bias = getattr(config, "bias", "none")
         if bias != "none":
             from .checkpoint.keys import _bias_params
@@ -117,16 +147,26 @@ class PeftModel(nn.Module):
         """Within the block the model computes exactly the base model's output."""
         layers = [layer for _, layer in adapter_layers(self.base_model)]
         previous = [layer.disabled for layer in layers]
+        prompt_was_disabled = self._prompt_disabled
         for layer in layers:
             layer.disabled = True
+        self._prompt_disabled = True
         try:
             yield
         finally:
             for layer, was in zip(layers, previous):
                 layer.disabled = was
+            self._prompt_disabled = prompt_was_disabled
 
     # --- merge / unload ------------------------------------------------------------------------
+    def _refuse_merge(self) -> None:
+        if len(self.prompt_encoder):
+            raise ValueError(f"{self.peft_type} (prompt learning) has no weights to merge: its virtual tokens are "
+                             f"extra inputs, not changes to the base weights. Keep the PeftModel for inference, or use "
+                             f"unload() to get the base model back without the adapter")
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._refuse_merge()
         for _, layer in adapter_layers(self.base_model):
             if not isinstance(layer, ModulesToSaveWrapper):
                 layer.merge(adapter_names, safe_merge=safe_merge)
@@ -137,6 +177,7 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the active adapter into the base weights and return the plain base model."""
+        self._refuse_merge()
         eject_layers(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
         return self.base_model
 
@@ -158,6 +199,10 @@ class PeftModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint the base model's layers; inputs are made to require grad so that no
         checkpointed block sees only frozen inputs ("element 0 ... does not require grad")."""
+        blocked = [type(e).__name__ for e in self.prompt_encoder.values() if not e.supports_gradient_checkpointing]
+        if blocked:
+            raise ValueError(f"{self.peft_type} does not work with gradient checkpointing: transformers drops the "
+                             f"key/value cache that carries its prefix inside checkpointed layers")
         kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self._make_inputs_require_grad()
@@ -173,6 +218,8 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """One adapter's tensors under their PEFT keys."""
         name = adapter_name or self.active_adapter
+        if name in self.prompt_encoder:
+            return prompt_learning_state(self.base_model, self.prompt_encoder[name], name)
         return collect_adapter_state(self.base_model, name, getattr(self.peft_config[name], "bias", "none"))
 
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_: object) -> None:
@@ -211,13 +258,29 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, config)
         return self._load_state(adapter_name, state, model_id)
 
-    def _load_state(self, adapter_name: str, state: dict, source: str) -> LoadReport:
-        bias = getattr(self.peft_config[adapter_name], "bias", "none")
-        report = load_adapter_weights(self.base_model, adapter_name, state, bias)
-        if report.missing_keys or report.unexpected_keys:
-            warnings.warn(f"Loading adapter {adapter_name!r} from {source!r}: {report}", stacklevel=3)
+    def load_adapter_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> LoadReport:
+        """Copy `state` (PEFT keys) into the existing adapter in place, so that optimizer state
+        that refers to its parameters stays valid; returns missing / unexpected keys."""
+        if adapter_name in self.prompt_encoder:
+            report = load_prompt_learning_state(self.base_model, self.prompt_encoder[adapter_name], adapter_name, state)
+        else:
+            bias = getattr(self.peft_config[adapter_name], "bias", "none")
+            report = load_adapter_weights(self.base_model, adapter_name, state, bias)
         self._apply_active()
         return report
+
+    def _load_state(self, adapter_name: str, state: dict, source: str) -> LoadReport:
+        report = self.load_adapter_state(adapter_name, state)
+        if report.missing_keys or report.unexpected_keys:
+            warnings.warn(f"Loading adapter {adapter_name!r} from {source!r}: {report}", stacklevel=3)
+        return report
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs) -> None:
+        """LoRA only: a new adapter combining `adapters` (linear / cat / svd / ties / ...)."""
+        from .methods.lora.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
 
 _CLASS_CACHE: dict[type, type] = {}
@@ -228,7 +291,7 @@ def peft_model_class(base_cls: type) -> type:
     inspect it (transformers.Trainer's column and label detection) see the real arguments."""
     if base_cls not in _CLASS_CACHE:
         def forward(self, *args, **kwargs):
-            return self.base_model(*args, **kwargs)
+            return PeftModel.forward(self, *args, **kwargs)
 
         try:
             forward.__signature__ = inspect.signature(base_cls.forward)

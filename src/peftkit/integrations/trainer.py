@@ -152,11 +152,8 @@ def load_adapters_in_place(model: PeftModel, folder: str) -> None:
         raise CheckpointMismatchError(f"Checkpoint {folder!r} does not hold every adapter of the model "
                                       f"(adapters: {list(model.peft_config)}):\n- " + "\n- ".join(problems))
     for name, state in states.items():
-        # PeftModel's own loader knows each method's layout (layer adapters, prompt encoders);
-        # its warning about a partial load is replaced by the error below.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = model._load_state(name, state, folder)
+        # PeftModel's own loader knows each method's layout (layer adapters, prompt encoders).
+        report = model.load_adapter_state(name, state)
         if report.missing_keys or report.unexpected_keys:
             raise CheckpointMismatchError(f"Checkpoint {folder!r}, adapter {name!r}: {report}. The checkpoint was "
                                           f"written for a different adapter config (r, target_modules, bias...)")
