@@ -1,0 +1,78 @@
+"""Loss functions of the training loop: `loss_fn(model, batch) -> (loss_sum, n_targets)`.
+
+A loss function returns the SUM of the per-target losses of one micro-batch (fp32 scalar
+tensor) and how many targets it summed over, so that the loop can divide by the number of
+targets of the whole accumulation window (over all processes) instead of averaging means.
+`count_targets` must agree with it without running the model: the loop counts a window's
+targets before the first forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import Batch
+
+IGNORE_INDEX = -100
+LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor | int]"]
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy summed over target tokens (labels != -100 after the shift).
+
+    logits [B, T, V] at position t predict labels[t + 1]; logits are upcast to fp32 for the loss.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    shifted = logits[:, :-1, :]
+    loss_sum = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+def seq_cls_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Cross-entropy over classes summed over the rows; one target per row."""
+    loss_sum, _ = _seq_cls_logits_loss(model, batch)
+    return loss_sum, batch["labels"].shape[0]
+
+
+def seq_cls_eval(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(loss_sum, n_rows, n_correct) from a single forward pass."""
+    loss_sum, logits = _seq_cls_logits_loss(model, batch)
+    correct = (logits.argmax(dim=-1) == batch["labels"]).sum()
+    return loss_sum, batch["labels"].shape[0], correct
+
+
+def _seq_cls_logits_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    if logits.ndim != 2 or logits.shape[-1] < 2:
+        raise ValueError(
+            f"sequence classification needs logits of shape [batch, num_labels >= 2], got {tuple(logits.shape)}; "
+            "regression (num_labels=1) and multi-label heads are not supported by the built-in loss"
+        )
+    loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    return loss_sum, logits
+
+
+def count_targets(batch: Batch, task: str) -> int:
+    """Targets `default_loss_fn(task)` will sum over for this batch, from the labels alone."""
+    if task == "causal-lm":
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return int(batch["labels"].shape[0])
+
+
+def default_loss_fn(task: str) -> LossFn:
+    if task == "causal-lm":
+        return causal_lm_loss
+    if task == "seq-cls":
+        return seq_cls_loss
+    raise ValueError(f"task={task!r}: expected 'causal-lm' or 'seq-cls'")

@@ -1,0 +1,29 @@
+"""Optimizer construction, kept in one function so variants (e.g. LoRA+ groups) plug in here."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import TrainConfig
+
+OptimizerFactory = Callable[[torch.nn.Module, TrainConfig], torch.optim.Optimizer]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms) do not."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=True); "
+            "wrap it with peftkit.get_peft_model(...) or unfreeze the parameters to train"
+        )
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)

@@ -1,0 +1,145 @@
+"""Setting up a run: the Accelerator, the task, gradient checkpointing, the padding id."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig
+
+# Backends whose engine shards or owns the optimizer/parameters; the loop's checkpoint and
+# accumulation logic assume replicated state (single process or DDP).
+_UNSUPPORTED_BACKENDS = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+
+
+def mixed_precision_for(precision: str) -> str:
+    """Accelerate's `mixed_precision` ("no" | "bf16" | "fp16") for a TrainConfig precision."""
+    has_cuda = torch.cuda.is_available()
+    if precision == "auto":
+        from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # `accelerate launch --mixed_precision`
+        if from_launcher in ("no", "bf16", "fp16"):
+            return from_launcher
+        if has_cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if precision == "fp16" and not has_cuda:
+        raise ValueError(
+            "precision='fp16' needs a CUDA GPU (fp16 autocast with loss scaling); on CPU use 'bf16' or 'fp32'"
+        )
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    """An Accelerator for this process; under `accelerate launch` / `torchrun` it joins the group."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = mixed_precision_for(config.precision)
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed):
+        # Accelerate keeps one process-wide state and refuses a second precision; a new run
+        # in the same process (a notebook, a test session) may legitimately choose another.
+        AcceleratorState._reset_state()
+    # Without cpu=True Accelerate treats a CPU-only torchrun job as single-process.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not _has_accelerator_device())
+    backend = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(
+        accelerator.distributed_type
+    )
+    if backend in _UNSUPPORTED_BACKENDS:
+        raise NotImplementedError(
+            f"peftkit.train runs single-process or DDP (multi-CPU/GPU); got distributed type {backend}. "
+            "Its checkpoints and gradient accumulation assume replicated parameters and optimizer state. "
+            "Launch without the FSDP/DeepSpeed config, or train with transformers.Trainer instead"
+        )
+    return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def resolve_task(task: str, model: torch.nn.Module) -> str:
+    """`task`, or for "auto" the task of the model's class (…ForCausalLM / …ForSequenceClassification)."""
+    if task != "auto":
+        return task
+    name = type(base_model(model)).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if name.endswith("ForSequenceClassification"):
+        return "seq-cls"
+    peft_configs = getattr(model, "peft_config", None)
+    if isinstance(peft_configs, dict):
+        for cfg in peft_configs.values():
+            kind = str(getattr(cfg, "task_type", "") or "").upper().split(".")[-1]
+            if kind in ("CAUSAL_LM", "SEQ_CLS"):
+                return {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls"}[kind]
+    raise ValueError(
+        f"task='auto' cannot tell the task of a {name} (expected a ...ForCausalLM or "
+        "...ForSequenceClassification model, or a PEFT task_type CAUSAL_LM / SEQ_CLS); "
+        "set task to 'causal-lm' or 'seq-cls'"
+    )
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> Callable[[], None]:
+    """Recompute activations in backward (non-reentrant, so frozen inputs work with adapters).
+
+    Returns a function that puts the model back as it was (checkpointing off again if it was off).
+    """
+    base = base_model(model)
+    enable = getattr(base, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise ValueError(
+            f"gradient_checkpointing=True, but {type(base).__name__} has no gradient_checkpointing_enable(); "
+            "set gradient_checkpointing: false"
+        )
+    # transformers 5 renamed the flag and warns on the old name; read the old one only if needed.
+    flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    was_on = bool(getattr(base, flag, False))
+    config = getattr(base, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if callable(getattr(base, "enable_input_require_grads", None)):
+        base.enable_input_require_grads()
+    if use_cache:
+        config.use_cache = False  # a KV cache is useless in training and clashes with recomputation
+
+    def undo() -> None:
+        if was_on:
+            return
+        base.gradient_checkpointing_disable()
+        if callable(getattr(base, "disable_input_require_grads", None)):
+            base.disable_input_require_grads()
+        if use_cache:
+            config.use_cache = use_cache
+
+    return undo
+
+
+def pad_token_id(model: torch.nn.Module) -> int:
+    """The model's pad id, else its eos id, else 0 (padding is masked out either way)."""
+    config = getattr(base_model(model), "config", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True on every process when `flag` is True on at least one."""
+    if accelerator.num_processes == 1:
+        return flag
+    # A signal may reach only some processes; all must stop (and checkpoint) together.
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
