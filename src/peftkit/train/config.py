@@ -63,6 +63,8 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     resume_from: str | None = None  # "latest", a checkpoint folder, or None
+    lora_plus_ratio: float | None = None  # LoRA+: B matrices learn at lr * ratio (e.g. 16)
+    compile: bool = False  # torch.compile each decoder layer (faster steps after a compile warm-up)
 
     # ---- validation -------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ _RANGE_CHECKS = [
     ("log_every", _number(1), "an integer >= 1"),
     ("early_stopping_patience", _number(1, optional=True), "an integer >= 1 or null"),
     ("resume_from", lambda v: v is None or bool(v), "'latest', a checkpoint folder path, or null"),
+    ("lora_plus_ratio", _number(0, lo_open=True, optional=True), "a number > 0 or null"),
 ]
 
 

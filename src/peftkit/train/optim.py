@@ -12,7 +12,18 @@ OptimizerFactory = Callable[[torch.nn.Module, TrainConfig], torch.optim.Optimize
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms) do not."""
+    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms) do not.
+
+    With `lora_plus_ratio`, LoRA+ groups: B matrices learn `ratio` times faster than A.
+    """
+    if config.lora_plus_ratio is not None:
+        from ..methods.lora.plus import lora_plus_param_groups
+
+        groups = lora_plus_param_groups(model, config.lr, ratio=config.lora_plus_ratio,
+                                        weight_decay=config.weight_decay)
+        if not groups:
+            raise ValueError("lora_plus_ratio is set but the model has no trainable parameters")
+        return torch.optim.AdamW(groups, lr=config.lr)
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:
