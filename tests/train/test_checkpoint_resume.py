@@ -120,15 +120,18 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     model = tiny_llama()
-    forwards = []
+    poisoned = []
 
-    def poison(module, args, output):
-        forwards.append(1)
-        return output * float("nan") if len(forwards) == 3 else output  # 3rd forward = step 3
+    def poison(module, args, output):  # the final norm feeds the loss on every loss path
+        return output * float("nan") if poisoned else output
 
-    model.get_base_model().lm_head.register_forward_hook(poison)
+    def after_step(info):
+        if info.step == 2:
+            poisoned.append(True)  # so the forward of step 3 yields NaN
+
+    model.get_base_model().model.norm.register_forward_hook(poison)
     with pytest.raises(NonFiniteLossError, match="loss is nan at optimizer step 3") as err:
-        train(model, lm_rows(8), None, config(tmp_path, max_steps=6, save_every=1))
+        train(model, lm_rows(8), None, config(tmp_path, max_steps=6, save_every=1), on_step_end=after_step)
     assert err.value.last_checkpoint == tmp_path / "checkpoint-2"
     assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     # No update was applied with the NaN gradients.

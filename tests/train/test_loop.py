@@ -110,20 +110,26 @@ def _train_sgd(out, rows, micro, accum, sgd):
 def test_gradient_checkpointing_gives_the_same_step_and_is_switched_off_after(tmp_path):
     rows = lm_rows(8, seed=3)
     plain = _one_step(tmp_path / "plain", rows, 4, 2)
-    model = tiny_llama()
-    base = model.get_base_model()
-    mlp, calls = base.model.layers[0].mlp, []
-    original_forward = mlp.forward
 
-    def counting_forward(*args, **kwargs):  # module hooks do not fire on recomputation; forward does
-        calls.append(1)
-        return original_forward(*args, **kwargs)
+    def run(folder, checkpointing):
+        model = tiny_llama()
+        base = model.get_base_model()
+        mlp, calls = base.model.layers[0].mlp, []
+        original_forward = mlp.forward
 
-    mlp.forward = counting_forward
-    train(model, rows, None, config(tmp_path / "ckpt", max_steps=1, micro_batch_size=4, grad_accum=2,
-                                    shuffle=False, gradient_checkpointing=True))
+        def counting_forward(*args, **kwargs):  # module hooks do not fire on recomputation; forward does
+            calls.append(1)
+            return original_forward(*args, **kwargs)
+
+        mlp.forward = counting_forward
+        train(model, rows, None, config(folder, max_steps=1, micro_batch_size=4, grad_accum=2,
+                                        shuffle=False, gradient_checkpointing=checkpointing))
+        return model, base, len(calls)
+
+    _, _, calls_without = run(tmp_path / "without", False)
+    model, base, calls_with = run(tmp_path / "ckpt", True)
     assert max_diff(plain, trainable(model)) < 1e-6
-    assert len(calls) == 4  # 2 forwards + 2 recomputations in backward
+    assert calls_with == calls_without + 2  # each of the 2 micro-batches is recomputed in backward
     assert not base.is_activation_checkpointing and base.config.use_cache
 
 

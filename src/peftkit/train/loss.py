@@ -70,9 +70,18 @@ def count_targets(batch: Batch, task: str) -> int:
     return int(batch["labels"].shape[0])
 
 
+def fast_causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_lm_loss` through the fused lm_head + cross-entropy kernel where that is exact
+    (no [B, T, V] logits are formed); the plain path everywhere else."""
+    from .fused_loss import fused_causal_lm_loss  # it imports this module
+
+    fused = fused_causal_lm_loss(model, batch)
+    return fused if fused is not None else causal_lm_loss(model, batch)
+
+
 def default_loss_fn(task: str) -> LossFn:
     if task == "causal-lm":
-        return causal_lm_loss
+        return fast_causal_lm_loss
     if task == "seq-cls":
         return seq_cls_loss
     raise ValueError(f"task={task!r}: expected 'causal-lm' or 'seq-cls'")
