@@ -1,0 +1,224 @@
+"""fused_causal_lm_loss (backbone + chunked lm_head/CE) against the full-logits loss of the loop."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tiny_models
+from peftkit import LoraConfig, PromptTuningConfig, get_peft_model
+from peftkit.kernels import fast_paths
+from peftkit.train.fused_loss import fused_causal_lm_loss, fused_loss_blocker
+from peftkit.train.loss import causal_lm_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: OpenMP hand-offs cost more than they save, and thrash on a loaded machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_model(base, seed=1, **lora):
+    """LoRA on every linear, adapter weights random (B = 0 would leave A without gradient)."""
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    kwargs.update(lora)
+    model = get_peft_model(base, LoraConfig(**kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in trainable(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.train()
+
+
+def make_batch(vocab=64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :3] = -100  # prompt tokens
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def step(model, batch, loss_fn, seed=5):
+    """(loss_sum, n_targets, {name: grad}) of one forward/backward; `seed` fixes the dropout
+    masks of a model in train mode (GPT-2 has dropout on by default)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = loss_fn(model, batch)
+    assert out is not None
+    loss_sum, n = out
+    loss_sum.backward()
+    return loss_sum.detach().double(), int(n), {name: p.grad.detach().double() for name, p in trainable(model)}
+
+
+def reference_step(model, batch):
+    with fast_paths(False):
+        return step(model, batch, causal_lm_loss)
+
+
+def max_rel_error(got, want):
+    """Largest gradient error relative to that gradient's own scale, over all parameters."""
+    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fp32_loss_and_adapter_grads_match_full_logits_reference(arch):
+    model = lora_model(tiny_models.FACTORIES[arch]())
+    batch = make_batch()
+    loss, n, grads = step(model, batch, fused_causal_lm_loss)
+    ref_loss, ref_n, ref_grads = reference_step(model, batch)
+    assert n == ref_n == int((batch["labels"][:, 1:] != -100).sum())
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    assert all(g.abs().max() > 0 for g in ref_grads.values())
+    assert max_rel_error(grads, ref_grads) < 1e-5
+
+
+def test_bf16_base_with_fp32_adapters_no_less_accurate_than_reference():
+    # bf16 base weights, fp32 LoRA weights (peft's and peftkit's default for a bf16 model).
+    # Both paths round activations to bf16, so both sit some bf16 ulps from the fp32 result;
+    # the fused path must be as close to it as the reference path.
+    base = tiny_models.llama()
+    truth_model = lora_model(copy.deepcopy(base))
+    model = lora_model(base.to(torch.bfloat16))
+    assert all(p.dtype == torch.float32 for _, p in trainable(model))
+    batch = make_batch()
+    loss, n, grads = step(model, batch, fused_causal_lm_loss)
+    ref_loss, ref_n, ref_grads = reference_step(model, batch)
+    true_loss, _, true_grads = reference_step(truth_model, batch)
+    assert n == ref_n
+    assert abs(loss - true_loss) <= 2 * abs(ref_loss - true_loss) + 2**-8 * abs(true_loss)
+    assert abs(loss - true_loss) <= 2**-5 * abs(true_loss)
+    fused_err, ref_err = max_rel_error(grads, true_grads), max_rel_error(ref_grads, true_grads)
+    assert fused_err <= 2 * ref_err + 2**-8, (fused_err, ref_err)
+
+
+def test_autocast_bf16_matches_plain_path_under_autocast():
+    model = lora_model(tiny_models.llama())
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, grads = step(model, batch, fused_causal_lm_loss)
+        plain_loss, _, plain_grads = step(model, batch, causal_lm_loss)
+    true_loss, _, true_grads = reference_step(model, batch)
+    assert abs(loss - true_loss) <= 2 * abs(plain_loss - true_loss) + 2**-8 * abs(true_loss)
+    assert max_rel_error(grads, true_grads) <= 2 * max_rel_error(plain_grads, true_grads) + 2**-8
+
+
+def test_dropout_masks_unchanged_by_the_fused_loss():
+    # The backbone runs the same modules in the same order, so the LoRA dropout masks (seeds
+    # drawn from torch's global generator) are the same as in the full-logits path.
+    model = lora_model(tiny_models.llama(), lora_dropout=0.25)
+    batch = make_batch()
+    loss, _, grads = step(model, batch, fused_causal_lm_loss, seed=7)
+    plain_loss, _, plain_grads = step(model, batch, causal_lm_loss, seed=7)
+    other_loss, _, _ = step(model, batch, causal_lm_loss, seed=8)
+    assert abs(loss - plain_loss) <= 1e-5 * abs(plain_loss)
+    assert abs(other_loss - plain_loss) > 1e-4 * abs(plain_loss)  # dropout is really active
+    assert max_rel_error(grads, plain_grads) < 1e-5
+
+
+def test_eval_without_grad():
+    model = lora_model(tiny_models.llama()).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        loss, n = fused_causal_lm_loss(model, batch)
+        ref_loss, ref_n = causal_lm_loss(model, batch)
+    assert not loss.requires_grad and int(n) == int(ref_n)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+
+
+# --- where the fused path refuses (the caller falls back to the full logits) ----------------
+class Wrapper(nn.Module):
+    """Stands in for DDP / DataParallel: the model is `.module`, forward goes through the wrapper."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _scaled_logits_llama():
+    """A Llama whose forward scales the logits after the head, with no config attribute
+    saying so: only the probe can tell."""
+    from transformers import LlamaForCausalLM
+
+    class LogitScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    torch.manual_seed(0)
+    return LogitScaledLlama(tiny_models.llama().config)
+
+
+def _softcapped_llama():
+    base = tiny_models.llama()
+    base.config.final_logit_softcapping = 30.0
+    return base
+
+
+def _patched_forward(model):
+    model.forward = model.forward  # a bound method stored on the instance, as wrappers do
+    return model
+
+
+CASES = {
+    "ddp-like wrapper": (lambda: Wrapper(lora_model(tiny_models.llama())), "neither a peftkit PeftModel"),
+    "lora on lm_head": (lambda: lora_model(tiny_models.llama(), target_modules=["q_proj", "lm_head"]),
+                        "not a plain nn.Linear"),
+    "lm_head in modules_to_save": (lambda: lora_model(tiny_models.llama(), modules_to_save=["lm_head"]),
+                                   "not a plain nn.Linear"),
+    "softcapped logits": (lambda: lora_model(_softcapped_llama()), "final_logit_softcapping"),
+    "logits transformed in forward": (lambda: lora_model(_scaled_logits_llama()), "transforms the lm_head output"),
+    "prompt tuning": (lambda: get_peft_model(tiny_models.llama(), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                      num_virtual_tokens=3)),
+                      "prompt-learning"),
+    "forward patched on the instance": (lambda: _patched_forward(lora_model(tiny_models.llama())), "patched"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refuses_what_it_cannot_split(case):
+    build, reason = CASES[case]
+    model = build()
+    batch = make_batch()
+    assert reason in (fused_loss_blocker(model, batch) or "")
+    assert fused_causal_lm_loss(model, batch) is None
+
+
+def test_refuses_without_labels_or_with_fast_paths_off():
+    model = lora_model(tiny_models.llama())
+    batch = make_batch()
+    assert fused_loss_blocker(model, batch) is None
+    with fast_paths(False):
+        assert fused_causal_lm_loss(model, batch) is None
+    assert fused_causal_lm_loss(model, {k: v for k, v in batch.items() if k != "labels"}) is None
+
+
+def test_accelerate_autocast_wrapper_accepted_only_under_autocast():
+    # accelerate's mixed-precision prepare(): forward = autocast(original forward), and the
+    # original kept as `_original_forward`. Under `accelerator.autocast()` the split is exact.
+    model = lora_model(tiny_models.llama())
+    model._original_forward = model.forward
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model._original_forward)
+    batch = make_batch()
+    assert fused_causal_lm_loss(model, batch) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, n = fused_causal_lm_loss(model, batch)
+        plain_loss, plain_n = causal_lm_loss(model, batch)
+    assert int(n) == int(plain_n)
+    assert abs(loss.item() - plain_loss.item()) <= 2**-5 * abs(plain_loss.item())
