@@ -1,0 +1,202 @@
+"""The `peftkit` command: argument parsing only; each command is one call into `peftkit.recipe`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+EPILOG = """examples:
+  peftkit train                               the built-in quickstart (offline text classifier)
+  peftkit train config.yaml train.lr=1e-4     a run from a YAML file, with dotted overrides
+  peftkit train config.yaml --dry-run         resolved config and step/token/parameter counts
+  peftkit preview config.yaml -n 5            tokenized examples with the trained tokens marked
+  peftkit merge out/run --out merged/         adapter folded into a plain transformers model
+  peftkit generate out/run "Hello"            stream a reply (causal LM adapters)
+  peftkit eval out/run --data test.jsonl      loss / perplexity or accuracy on a data file
+  peftkit inspect MODEL --config config.yaml  targetable modules, what the config matches
+"""
+
+# Exit codes: 1 = the command ran and found a problem (preview, parity, inspect) or failed;
+# 2 = the command line or config is wrong (argparse uses 2 as well).
+EXIT_PROBLEM, EXIT_USAGE = 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Parameter-efficient fine-tuning: train, inspect and use adapters.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune from a YAML config (no config: the built-in quickstart)",
+                       description="Fine-tune from a YAML run config. KEY=VALUE overrides any setting, e.g. "
+                                   "train.lr=1e-4 adapter.r=16 (values are read as YAML). Without CONFIG, "
+                                   "runs the built-in quickstart.")
+    p.add_argument("args", nargs="*", metavar="CONFIG | KEY=VALUE", help="config file, then overrides")
+    p.add_argument("--quickstart", action="store_true", help="run the quickstart; every argument is an override")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and derived numbers; loads no weights")
+    p.add_argument("--no-eval-before", action="store_true", help="skip the eval pass before training")
+
+    p = sub.add_parser("preview", help="show tokenized examples with the trained tokens marked, and check them")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+    p.add_argument("--split", default="train", choices=("train", "eval"))
+    p.add_argument("--color", action="store_true", help="mark trained tokens in green instead of [[...]]")
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model and check parity")
+    p.add_argument("adapter", metavar="ADAPTER")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the merged model")
+    p.add_argument("--base", metavar="MODEL", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="dtype of the saved weights (auto: the base checkpoint's)")
+    p.add_argument("--tolerance", type=float, help="parity tolerance relative to the largest output")
+
+    p = sub.add_parser("generate", help="generate text with an adapter (streams the reply)")
+    p.add_argument("adapter", metavar="ADAPTER")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    p.add_argument("--base", metavar="MODEL")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+    p = sub.add_parser("eval", help="loss/perplexity or accuracy of an adapter on a data file")
+    p.add_argument("adapter", metavar="ADAPTER")
+    p.add_argument("--data", required=True, metavar="FILE")
+    p.add_argument("--base", metavar="MODEL")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, help="default: the training run's data.max_length")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+    p = sub.add_parser("inspect", help="modules an adapter can target; what a config matches; sizes")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--config", metavar="CONFIG.yaml")
+    p.add_argument("--task", choices=("causal-lm", "seq-cls", "seq2seq"), help="default: from the model's config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for --config")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..recipe import train_from_file
+
+    items = list(args.args)
+    quickstart = args.quickstart or not items or ("=" in items[0] and not os.path.isfile(items[0]))
+    path, overrides = (None, items) if quickstart else (items[0], items[1:])
+    result = train_from_file(path, overrides, dry=args.dry_run, eval_before=not args.no_eval_before)
+    print(result.text())
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from ..recipe import preview_file
+
+    report = preview_file(args.config, args.overrides, n=args.n, split=args.split,
+                          style="color" if args.color else "brackets")
+    print(report.text())
+    if not report.ok:
+        print(f"preview failed: {len(report.problems)} problem(s), see 'problem:' lines above", file=sys.stderr)
+        return EXIT_PROBLEM
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from ..recipe import merge_adapter
+
+    report = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance)
+    print(report.text())
+    return 0 if report.ok else EXIT_PROBLEM
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..recipe import generate
+
+    generate(args.adapter, args.prompt, max_new_tokens=args.max_new_tokens, base=args.base,
+             temperature=args.temperature, dtype=args.dtype)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..recipe import evaluate_adapter
+
+    report = evaluate_adapter(args.adapter, args.data, base=args.base, batch_size=args.batch_size,
+                              max_length=args.max_length, dtype=args.dtype)
+    print(report.text())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ..recipe import inspect_model
+
+    if args.overrides and not args.config:
+        raise _UsageError(f"overrides {args.overrides} need --config")
+    report = inspect_model(args.model, args.config, args.overrides, task=args.task)
+    print(report.text())
+    return 0 if report.ok else EXIT_PROBLEM
+
+
+# Where each command collects KEY=VALUE overrides.
+OVERRIDE_ARGS = {"train": "args", "preview": "overrides", "inspect": "overrides"}
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse stops filling a positional list at the first option; `train c.yaml --dry-run k=v`
+    must still collect `k=v`, so overrides after options are gathered here."""
+    args, extra = parser.parse_known_args(argv)
+    target = OVERRIDE_ARGS.get(args.command)
+    stray = [item for item in extra if target is None or item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if target is not None:
+        setattr(args, target, list(getattr(args, target)) + extra)
+    return args
+
+
+COMMANDS = {"train": _train, "preview": _preview, "merge": _merge, "generate": _generate, "eval": _eval,
+            "inspect": _inspect}
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def _usage_errors() -> tuple[type, ...]:
+    from ..config import ConfigError
+    from ..data import DataError
+    from ..recipe import ConfigFileError, RunConfigError
+    from ..train import TrainConfigError
+
+    return (_UsageError, RunConfigError, ConfigFileError, ConfigError, DataError, TrainConfigError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = _parse(parser, list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback or os.environ.get("PEFTKIT_TRACEBACK"):
+            raise
+        usage = isinstance(exc, _usage_errors())
+        if not usage and not isinstance(exc, (ValueError, OSError, ImportError, NotImplementedError)):
+            raise  # a bug, not bad input: the traceback is what helps
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_PROBLEM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Using a trained adapter folder: `peftkit generate` and `peftkit eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import DataConfig, alpaca_prompt, prepare_datasets
+from ..train import TrainConfig
+from .loading import LoadedAdapter, LoadError, load_adapter
+from .run import PACKED_ATTENTION, TaskHooks, evaluate_prepared, format_metrics
+from .seq2seq import seq2seq_collate, seq2seq_loss
+
+
+def _trained_format(loaded: LoadedAdapter) -> tuple[str | None, str | None]:
+    """(row format, system prompt) the adapter was trained on, when the run left them beside it."""
+    fmt = system = None
+    data = (loaded.run_config or {}).get("data") or {}
+    if data.get("format") not in (None, "auto"):
+        fmt = data["format"]
+    system = data.get("system_prompt")
+    summary = os.path.join(loaded.adapter_dir, "summary.json")
+    if fmt is None and os.path.isfile(summary):
+        with open(summary, encoding="utf-8") as fh:
+            fmt = json.load(fh).get("data_format")
+    return fmt, system
+
+
+def render_prompt(loaded: LoadedAdapter, prompt: str) -> tuple[str, bool]:
+    """(text, add_special_tokens): the prompt as the model saw prompts in training.
+
+    alpaca-trained adapters get the Alpaca template; chat-trained ones (or, when the format is
+    unknown, any tokenizer with a chat template) get the chat template with a generation prompt;
+    otherwise the prompt is used as is.
+    """
+    tokenizer = loaded.tokenizer
+    fmt, system = _trained_format(loaded)
+    if fmt == "alpaca":
+        return alpaca_prompt(prompt, None, system), True
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "messages" or (fmt is None and has_template):
+        if not has_template:
+            raise LoadError(f"the adapter was trained on chat messages but the tokenizer in {loaded.adapter_dir} "
+                            "has no chat_template")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        # The data pipeline tokenizes rendered chats without adding special tokens; match it.
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    return prompt, True
+
+
+def generate(adapter_dir: str, prompt: str, *, max_new_tokens: int = 128, base: str | None = None,
+             temperature: float = 0.0, stream: bool = True, dtype: str = "auto") -> str:
+    """Generate a reply to `prompt` with the adapter on its base model; streams it to stdout
+    (transformers' TextStreamer) when `stream`. Greedy unless temperature > 0. Returns the new text."""
+    from transformers import TextStreamer
+
+    problems = []
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        problems.append(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        problems.append(f"temperature={temperature!r}: expected a number >= 0 (0: greedy)")
+    if problems:
+        raise ValueError("; ".join(problems))
+    loaded = load_adapter(adapter_dir, base, dtype)
+    if loaded.task not in ("causal-lm", "seq2seq"):
+        raise LoadError(f"generate needs a causal-lm or seq2seq adapter; {adapter_dir} is a {loaded.task} adapter "
+                        f"(use `peftkit eval {adapter_dir} --data FILE`)")
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise LoadError(f"no tokenizer in {adapter_dir} or {loaded.base_path}; generate needs one")
+    text, special = render_prompt(loaded, prompt)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special)
+    if torch.cuda.is_available():
+        loaded.model.to("cuda")
+    device = next(loaded.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        options["temperature"] = float(temperature)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is not None:
+        options["pad_token_id"] = pad
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        output = loaded.model.generate(**inputs, streamer=streamer, **options)
+    new = output[0] if loaded.task == "seq2seq" else output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+@dataclass
+class EvalReport:
+    adapter_dir: str
+    data_path: str
+    task: str
+    rows: int
+    metrics: dict[str, float]
+
+    def text(self) -> str:
+        return f"eval of {self.adapter_dir} on {self.data_path} ({self.rows} rows, {self.task}): " \
+               f"{format_metrics(self.metrics)}"
+
+
+def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = None, batch_size: int = 8,
+                     max_length: int | None = None, dtype: str = "auto") -> EvalReport:
+    """Loss and perplexity (causal-lm, seq2seq) or accuracy (seq-cls) of an adapter on a data file.
+
+    The rows are read with the data settings of the run that trained the adapter (its
+    run_config.yaml) when there is one, so prompts are formatted and masked the same way.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    loaded = load_adapter(adapter_dir, base, dtype)
+    settings = dict((loaded.run_config or {}).get("data") or {})
+    settings.update(path=data_path, eval_path=None, eval_split=0.0)
+    if max_length is not None:
+        settings["max_length"] = max_length
+    if loaded.tokenizer is None:
+        raise LoadError(f"no tokenizer in {adapter_dir} or {loaded.base_path}; eval needs one")
+    data = prepare_datasets(DataConfig.from_dict(settings), loaded.tokenizer, loaded.task,
+                            packed_attention=PACKED_ATTENTION)
+    rows: Any = data.train
+    if loaded.task == "seq-cls":
+        rows = _relabel(rows, data.label_names or [], loaded.labels or [], data_path)
+    train_task = "causal-lm" if loaded.task == "seq2seq" else loaded.task
+    hooks = TaskHooks(
+        TrainConfig(task=train_task, micro_batch_size=batch_size, progress=False).validate(),
+        seq2seq_collate(data.collator) if loaded.task == "seq2seq" else data.collator,
+        seq2seq_loss if loaded.task == "seq2seq" else None,
+    )
+    metrics = evaluate_prepared(loaded.model, rows, hooks)
+    return EvalReport(adapter_dir, data_path, loaded.task, len(rows), metrics)
+
+
+def _relabel(rows: Any, file_labels: list[str], model_labels: list[str], where: str) -> list[dict[str, Any]]:
+    """Rows with class indices of the model's head (the file's own label order may differ)."""
+    index = {name: i for i, name in enumerate(model_labels)}
+    if all(name.isdigit() for name in file_labels) and not any(name in index for name in file_labels):
+        index = {str(i): i for i in range(len(model_labels))}  # the file gives class indices
+    unknown = [name for name in file_labels if name not in index]
+    if unknown:
+        raise LoadError(f"{where}: labels {unknown} are not classes of the adapter; its classes: {model_labels}")
+    mapping = [index[name] for name in file_labels]
+    return [dict(row, labels=mapping[row["labels"]]) for row in rows]

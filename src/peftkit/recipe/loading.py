@@ -1,0 +1,223 @@
+"""Loading what a run needs: the tokenizer, the model for its task (real or on the meta
+device), the adapter config, and an adapter folder back onto its base model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ..config import PeftConfig
+from .schema import TASK_TYPES, ModelConfig, RunConfig
+
+LABELS_FILE = "labels.json"
+RUN_CONFIG_FILE = "run_config.yaml"
+_TASK_OF_TYPE = {v: k for k, v in TASK_TYPES.items()}
+
+
+class LoadError(ValueError):
+    """A model, tokenizer or adapter folder that cannot be loaded; says what was tried."""
+
+
+def auto_class(task: str) -> Any:
+    import transformers
+
+    classes = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }
+    if task not in classes:
+        raise LoadError(f"task {task!r} has no model class; accepted: {', '.join(classes)}")
+    return classes[task]
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    """model.dtype -> what `from_pretrained(dtype=...)` takes. auto: fp32 on CPU (CPU kernels
+    are fast and exact in fp32), the checkpoint's own dtype on a GPU."""
+    if name == "auto":
+        return "auto" if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_tokenizer(model: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    where = model.tokenizer or model.path
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot load a tokenizer from {where!r} (model.tokenizer or model.path): {exc}") from None
+
+
+def load_model(model: ModelConfig, labels: list[str] | None = None) -> torch.nn.Module:
+    """The pretrained model for `model.task`; seq-cls gets a (new) head for `labels`."""
+    kwargs = dict(trust_remote_code=model.trust_remote_code, **_dtype_kwarg(torch_dtype(model.dtype)))
+    kwargs.update(_label_kwargs(model.task, labels))
+    try:
+        # A seq-cls head is new by design; transformers' "newly initialized" report would only alarm.
+        with _quiet_transformers(model.task == "seq-cls"):
+            return auto_class(model.task).from_pretrained(model.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot load a {model.task} model from {model.path!r} (model.path): {exc}") from None
+
+
+def meta_model(model: ModelConfig, labels: list[str] | None = None) -> torch.nn.Module:
+    """The model built from its config.json on the meta device: shapes only, no weights read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model.path, trust_remote_code=model.trust_remote_code, **_label_kwargs(model.task, labels)
+        )
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot read the model config at {model.path!r} (model.path): {exc}") from None
+    with torch.device("meta"):
+        return auto_class(model.task).from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+def _label_kwargs(task: str, labels: list[str] | None) -> dict[str, Any]:
+    if task != "seq-cls" or not labels:
+        return {}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+@contextlib.contextmanager
+def _quiet_transformers(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def adapter_config(config: RunConfig) -> PeftConfig:
+    """The run's adapter config, with the task and base model filled in."""
+    adapter = copy.deepcopy(config.adapter)
+    adapter.task_type = TASK_TYPES[config.task]
+    adapter.base_model_name_or_path = config.model.path
+    return adapter
+
+
+def model_task(peft_config: PeftConfig, base_path: str | None) -> str:
+    """The task of a saved adapter: its task_type, else guessed from the base model's architecture."""
+    if peft_config.task_type in _TASK_OF_TYPE:
+        return _TASK_OF_TYPE[peft_config.task_type]
+    if peft_config.task_type not in (None, ""):
+        raise LoadError(
+            f"adapter task_type {peft_config.task_type!r} is not one peftkit's commands handle; "
+            f"accepted: {', '.join(_TASK_OF_TYPE)}"
+        )
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(base_path), "architectures", None) or []
+    for arch in architectures:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "seq-cls"
+        if arch.endswith("ForConditionalGeneration"):
+            return "seq2seq"
+    raise LoadError(
+        f"the adapter has no task_type and the base model's architectures {architectures} do not tell the task; "
+        f"set task_type in adapter_config.json to one of {list(_TASK_OF_TYPE)}"
+    )
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter folder attached to its base model, ready for inference."""
+
+    model: Any  # PeftModel
+    tokenizer: Any | None
+    task: str
+    base_path: str
+    adapter_dir: str
+    labels: list[str] | None
+    run_config: dict[str, Any] | None  # the run_config.yaml beside the adapter, if any
+
+
+def load_adapter(adapter_dir: str, base: str | None = None, dtype: str = "auto",
+                 trust_remote_code: bool = False) -> LoadedAdapter:
+    """Load `adapter_dir` onto its base model (`base`, else the adapter's base_model_name_or_path)."""
+    from ..model import PeftModel
+
+    peft_config = PeftConfig.from_pretrained(adapter_dir)
+    base_path = base or peft_config.base_model_name_or_path
+    if not base_path:
+        raise LoadError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; pass --base MODEL")
+    task = model_task(peft_config, base_path)
+    labels = read_labels(adapter_dir, task)
+    model_config = ModelConfig(path=base_path, task=task, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(model_config, labels)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    peft_model.eval()
+    tokenizer = None
+    for where in (adapter_dir, base_path):
+        tokenizer = _try_tokenizer(where, trust_remote_code)
+        if tokenizer is not None:
+            break
+    run_config = None
+    path = os.path.join(adapter_dir, RUN_CONFIG_FILE)
+    if os.path.isfile(path):
+        from .yamlio import load_yaml_file
+
+        run_config = load_yaml_file(path)
+    return LoadedAdapter(peft_model, tokenizer, task, base_path, adapter_dir, labels, run_config)
+
+
+def _try_tokenizer(where: str, trust_remote_code: bool) -> Any | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_labels(folder: str, labels: list[str]) -> None:
+    from ..checkpoint.io import atomic_write_text
+
+    atomic_write_text(os.path.join(folder, LABELS_FILE), json.dumps({"labels": labels}, indent=2) + "\n")
+
+
+def read_labels(adapter_dir: str, task: str) -> list[str] | None:
+    """Class names saved beside a seq-cls adapter, else as many generic names as its head has rows."""
+    if task != "seq-cls":
+        return None
+    path = os.path.join(adapter_dir, LABELS_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            return list(json.load(fh)["labels"])
+    from safetensors import safe_open
+
+    from ..checkpoint import SAFETENSORS_NAME
+
+    with safe_open(os.path.join(adapter_dir, SAFETENSORS_NAME), framework="pt") as fh:
+        for key in fh.keys():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                return [f"LABEL_{i}" for i in range(fh.get_slice(key).get_shape()[0])]
+    return None
+

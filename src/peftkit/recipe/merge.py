@@ -1,0 +1,61 @@
+"""`peftkit merge`: an adapter folder -> a plain transformers model folder, parity-checked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..checkpoint.export import MergeReport, export_merged
+from .loading import LoadedAdapter, load_adapter
+
+MERGE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+# Inputs the parity check runs through both models (short, so the check stays cheap).
+PARITY_TEXTS = (
+    "Hello! How are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Summarize the following in one sentence: adapters are small.",
+)
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dtype: str = "auto",
+                  tolerance: float | None = None) -> MergeReport:
+    """Merge the adapter into its base (`base`, else the adapter's base_model_name_or_path) and
+    write `out_dir` (+ the tokenizer); the report says whether the reloaded folder matches.
+
+    dtype: of the saved weights; auto keeps the base checkpoint's dtype. The merge itself runs
+    in fp32 so that 16-bit bases round only once.
+    """
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not accepted; accepted: {', '.join(MERGE_DTYPES)}")
+    loaded = load_adapter(adapter_dir, base, dtype="fp32")
+    target = _checkpoint_dtype(loaded.base_path) if dtype == "auto" else {
+        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
+                         tolerance=tolerance)
+
+
+def parity_inputs(loaded: LoadedAdapter) -> list[dict[str, torch.Tensor]]:
+    """A few real texts through the tokenizer, else seeded random token ids; one input each."""
+    config = loaded.model.get_base_model().config
+    if loaded.tokenizer is not None:
+        batches = [dict(loaded.tokenizer(text, return_tensors="pt")) for text in PARITY_TEXTS]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, config.vocab_size, (1, 12), generator=gen)} for _ in PARITY_TEXTS]
+    if getattr(config, "is_encoder_decoder", False):
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else 0
+        for batch in batches:
+            batch["decoder_input_ids"] = torch.cat(
+                [torch.tensor([[start]]), batch["input_ids"][:, :5]], dim=1)
+    return batches
+
+
+def _checkpoint_dtype(base_path: str) -> torch.dtype:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path)
+    value: Any = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32

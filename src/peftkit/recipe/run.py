@@ -1,0 +1,284 @@
+"""`peftkit train`: a whole fine-tune from a run config, and its dry run.
+
+A run: tokenizer -> data (prepare_datasets) -> model for the task -> adapter -> eval before
+-> `peftkit.train.train` -> tokenizer, labels, run_config.yaml and the before/after metrics
+written next to the adapter, so `generate`, `eval` and `merge` work on the folder offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint.io import atomic_write_text
+from ..data import PreparedData, prepare_datasets
+from ..model import get_peft_model
+from ..train import TrainConfig, TrainResult, train
+from ..train.data import DataPlan
+from .loading import RUN_CONFIG_FILE, adapter_config, load_model, load_tokenizer, meta_model, write_labels
+from .schema import RunConfig
+from .seq2seq import seq2seq_collate, seq2seq_loss
+
+Log = Callable[[str], None]
+# Packed rows are kept apart by their position_ids (each row restarts at 0), which transformers
+# turns into block-diagonal attention when no cache is used; the loop always calls the model
+# with use_cache=False. This keeps attention memory O(seq) instead of a 4D [B, 1, L, L] mask.
+PACKED_ATTENTION = "position_ids"
+
+
+@dataclass
+class TaskHooks:
+    """How the loop trains this task: its TrainConfig (with a concrete task), collate and loss."""
+
+    train_config: TrainConfig
+    collate: Callable
+    loss_fn: Callable | None
+
+
+def task_hooks(config: RunConfig, data: PreparedData) -> TaskHooks:
+    if config.task == "seq2seq":
+        return TaskHooks(dataclasses.replace(config.train, task="causal-lm"), seq2seq_collate(data.collator),
+                         seq2seq_loss)
+    return TaskHooks(dataclasses.replace(config.train, task=config.task), data.collator, None)
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    task: str
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    train: TrainResult
+    wall_time_s: float
+    cpu_time_s: float
+
+    def text(self) -> str:
+        lines = [f"done in {self.wall_time_s:.0f} s (CPU time {self.cpu_time_s:.0f} s), "
+                 f"{self.train.global_step} optimizer steps ({self.train.stopped_reason})"]
+        if self.eval_after:
+            lines.append(f"eval: {metrics_change(self.eval_before, self.eval_after)}")
+        files = [name for name in ("adapter_model.safetensors", "metrics.jsonl", "loss_curve.png", "summary.json",
+                                   RUN_CONFIG_FILE) if (self.output_dir / name).exists()]
+        lines.append(f"output: {self.output_dir}/ ({', '.join(files)})")
+        return "\n".join(lines)
+
+
+def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = print) -> RunResult:
+    """Train the adapter described by `config`; return the metrics before and after."""
+    from accelerate.utils import set_seed
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=PACKED_ATTENTION)
+    log(data.summary())
+    _check_trained_tokens(data)
+    set_seed(config.train.seed)  # the initial adapter (and a new classifier head) depend on it
+    model = get_peft_model(load_model(config.model, data.label_names), adapter_config(config))
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"model: {config.model.path} ({config.task}), {config.method} adapter: "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    hooks = task_hooks(config, data)
+
+    before = None
+    if eval_before and data.eval is not None:
+        before = evaluate_prepared(model, data.eval, hooks)
+        log(f"eval before training: {format_metrics(before)}")
+    result = train(model, data.train, data.eval, hooks.train_config, hooks.collate, loss_fn=hooks.loss_fn)
+    after = result.eval_metrics or None
+    out = Path(result.output_dir)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    if _is_main_process():
+        tokenizer.save_pretrained(str(out))
+        if data.label_names is not None:
+            write_labels(str(out), data.label_names)
+        atomic_write_text(str(out / RUN_CONFIG_FILE), config.to_yaml())
+        if before:
+            _record_eval_before(out, before)
+        _extend_summary(out, {
+            "eval_before": before, "eval_after": after, "run_wall_time_s": round(wall, 2),
+            "run_cpu_time_s": round(cpu, 2), "data_format": data.format,
+            "data": {"train": data.stats.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None},
+            "adapter": {"method": config.method, "trainable_params": trainable, "total_params": total},
+        })
+    return RunResult(out, config.task, before, after, result, wall, cpu)
+
+
+def _check_trained_tokens(data: PreparedData) -> None:
+    """A causal-LM run whose rows have no trained token would take steps that change nothing."""
+    from ..data import DataError
+
+    if data.task != "seq-cls" and data.stats.trained_tokens == 0:
+        raise DataError(
+            f"none of the {data.stats.examples} training rows has a trained token, so training would change "
+            f"nothing; usually prompts longer than data.max_length={data.max_length} are cut before their "
+            "completion: raise data.max_length (or use data.overflow: drop), and check data.train_on. "
+            "`peftkit preview CONFIG` shows the rows with the trained tokens marked"
+        )
+
+
+def evaluate_prepared(model: torch.nn.Module, rows: Any, hooks: TaskHooks) -> dict[str, float]:
+    """The loop's own eval (same batching, loss and accuracy) on `rows`, outside a training run."""
+    from ..train import evaluate
+    from ..train.runtime import make_accelerator
+
+    accelerator = make_accelerator(hooks.train_config)
+    model.to(accelerator.device)
+    was_training = model.training
+    try:
+        with accelerator.autocast():
+            return evaluate(accelerator, model, rows, hooks.collate, hooks.train_config.task,
+                            hooks.train_config.micro_batch_size, hooks.loss_fn)
+    finally:
+        model.train(was_training)
+
+
+def format_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "n/a"
+    parts = []
+    if "eval_accuracy" in metrics:
+        parts.append(f"accuracy {100 * metrics['eval_accuracy']:.1f}%")
+    parts.append(f"loss {metrics['eval_loss']:.4f}")
+    if metrics.get("eval_perplexity") is not None:
+        parts.append(f"perplexity {metrics['eval_perplexity']:.2f}")
+    return ", ".join(parts)
+
+
+def metrics_change(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    """`accuracy 15.2% -> 90.9%, loss 1.79 -> 0.26` (just `after` when there is no before)."""
+    if not before:
+        return format_metrics(after)
+    parts = []
+    if "eval_accuracy" in after and "eval_accuracy" in before:
+        parts.append(f"accuracy {100 * before['eval_accuracy']:.1f}% -> {100 * after['eval_accuracy']:.1f}%")
+    parts.append(f"loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
+    if before.get("eval_perplexity") is not None and after.get("eval_perplexity") is not None:
+        parts.append(f"perplexity {before['eval_perplexity']:.2f} -> {after['eval_perplexity']:.2f}")
+    return ", ".join(parts)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _record_eval_before(out: Path, before: dict[str, float]) -> None:
+    """The eval before training becomes the step-0 record of metrics.jsonl and of the loss curve."""
+    from ..train.logging import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve, read_metrics
+
+    records = [r for r in read_metrics(out / METRICS_FILE) if not (r.get("step") == 0 and "eval_loss" in r)]
+    records.insert(0, {"step": 0, "epoch": 0.0, **before})
+    atomic_write_text(str(out / METRICS_FILE), "".join(json.dumps(r) + "\n" for r in records))
+    plot_loss_curve(records, out / LOSS_CURVE_FILE)
+
+
+def _extend_summary(out: Path, extra: dict[str, Any]) -> None:
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(extra)
+    atomic_write_text(str(path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+# --- dry run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DryRunReport:
+    """The resolved config and the numbers a run would have, computed without loading weights."""
+
+    config: RunConfig
+    data: PreparedData
+    num_processes: int
+    rows_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    mean_tokens_per_step: float
+    max_tokens_per_step: int
+    trainable_params: int
+    total_params: int
+    adapted_modules: int
+
+    def text(self) -> str:
+        t = self.config.train
+        lines = ["# resolved config", self.config.to_yaml().rstrip(), "", "# derived (no weights loaded)",
+                 self.data.summary()]
+        lines.append(f"rows per step: {self.rows_per_step} (micro_batch_size {t.micro_batch_size} x grad_accum "
+                     f"{t.grad_accum} x {self.num_processes} process{'es' if self.num_processes != 1 else ''})")
+        lines.append(f"tokens per step: {self.mean_tokens_per_step:,.0f} on average (padding excluded), "
+                     f"at most {self.max_tokens_per_step:,}")
+        how = f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs} epoch{'s' if t.epochs != 1 else ''}"
+        lines.append(f"steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total ({how})")
+        share = 100 * self.trainable_params / max(self.total_params, 1)
+        lines.append(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%), "
+                     f"{self.config.method} on {self.adapted_modules} modules")
+        return "\n".join(lines)
+
+
+def dry_run(config: RunConfig) -> DryRunReport:
+    """Tokenize the data (cached) and count everything a run would do; reads no model weights."""
+    from ..methods.base import AdapterLayer, ModulesToSaveWrapper
+
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_datasets(config.data, tokenizer, config.task)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    t = config.train
+    plan = DataPlan(len(data.train), t.micro_batch_size, t.grad_accum, world, t.seed, t.shuffle)
+    total_steps = t.max_steps or t.epochs * plan.steps_per_epoch
+    mean_len = data.stats.total_tokens / max(data.stats.sequences, 1)
+
+    adapter = adapter_config(config)
+    if getattr(adapter, "init_lora_weights", True) not in (True, False, "gaussian"):
+        adapter.init_lora_weights = True  # SVD-based inits cannot run on meta tensors; counts are the same
+    base = meta_model(config.model, data.label_names)
+    with torch.device("meta"):  # adapter tensors too: moving CPU tensors into meta parameters fails
+        model = get_peft_model(base, adapter)
+    trainable, total = model.get_nb_trainable_parameters()
+    adapted = sum(1 for m in model.modules() if isinstance(m, AdapterLayer) and not isinstance(m, ModulesToSaveWrapper))
+    return DryRunReport(
+        config=config, data=data, num_processes=world, rows_per_step=plan.window_size,
+        steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps,
+        mean_tokens_per_step=mean_len * plan.window_size, max_tokens_per_step=plan.window_size * config.data.max_length,
+        trainable_params=trainable, total_params=total, adapted_modules=adapted,
+    )
+
+
+# --- entry points of the command line ----------------------------------------------------------
+
+
+def train_from_file(path: str | None, overrides: list[str] = (), *, dry: bool = False, eval_before: bool = True,
+                    log: Log = print) -> RunResult | DryRunReport:
+    """`peftkit train [CONFIG] [overrides]`: the run (or its dry run); no CONFIG runs the quickstart."""
+    from .quickstart import quickstart_config, share_cpu_fairly
+    from .schema import load_run_config
+
+    config = quickstart_config(overrides) if path is None else load_run_config(path, overrides)
+    if dry:
+        return dry_run(config)
+    if path is None:
+        threads = share_cpu_fairly()  # the demo must stay quick on a shared machine
+        if threads is not None:
+            log(f"quickstart: {threads} CPU thread{'s' if threads != 1 else ''} (idle cores; set OMP_NUM_THREADS "
+                "to choose)")
+    return run_training(config, eval_before=eval_before, log=log)
+
+
+def preview_file(path: str, overrides: list[str] = (), n: int = 3, split: str = "train",
+                 style: str = "brackets") -> Any:
+    """`peftkit preview`: render `n` tokenized examples of a run config's data and check them."""
+    from ..data import preview
+    from .schema import load_run_config
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"-n {n!r}: expected an integer >= 1 (examples to show)")
+    config = load_run_config(path, overrides)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_datasets(config.data, tokenizer, config.task)
+    return preview(data, tokenizer, n=n, split=split, collator=data.collator, style=style)
