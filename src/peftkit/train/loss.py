@@ -27,6 +27,8 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
+    # Prompt tuning returns logits for its virtual tokens too, in front of the real positions.
+    logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
     labels = batch["labels"][:, 1:]
     shifted = logits[:, :-1, :]
     loss_sum = F.cross_entropy(
