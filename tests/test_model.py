@@ -290,3 +290,15 @@ def test_wrapped_modules_still_expose_weight_and_follow_eval_mode():
     assert torch.equal(first, second)  # the base was in eval mode, so dropout stays off
     model.train()
     assert not torch.equal(model(**batch).logits, model(**batch).logits)
+
+
+def test_adapters_on_a_meta_device_model_count_parameters_without_weights():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    with torch.device("meta"):
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    real = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    assert model.get_nb_trainable_parameters() == real.get_nb_trainable_parameters()
+    assert all(p.device.type == "meta" for p in model.parameters())

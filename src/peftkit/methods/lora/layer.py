@@ -38,9 +38,16 @@ class LoraLayer(AdapterLayer):
         self.use_dora[name] = use_dora
 
     def _to_base_device(self, name: str) -> None:
-        weight = self.base_layer.weight
-        for param in self.adapter_parameters(name):
-            param.data = param.data.to(weight.device)
+        device = self.base_layer.weight.device
+        for attr in self.adapter_containers:
+            container = getattr(self, attr)
+            if name not in container:
+                continue
+            value = container[name]
+            if isinstance(value, nn.Module):
+                value.to(device)  # also handles a base on the `meta` device (dry runs)
+            elif value.device != device:
+                container[name] = nn.Parameter(value.data.to(device), requires_grad=value.requires_grad)
 
 
 class Linear(LoraLayer):
