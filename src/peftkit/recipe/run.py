@@ -74,11 +74,15 @@ class RunResult:
 
 def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = print) -> RunResult:
     """Train the adapter described by `config`; return the metrics before and after."""
+    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     tokenizer = load_tokenizer(config.model)
-    data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=PACKED_ATTENTION)
+    # Under torchrun / accelerate launch, rank 0 tokenizes and fills the cache first; the
+    # others then read it instead of writing the same cache files at the same time.
+    with PartialState().main_process_first():
+        data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=PACKED_ATTENTION)
     log(data.summary())
     _check_trained_tokens(data)
     set_seed(config.train.seed)  # the initial adapter (and a new classifier head) depend on it
