@@ -18,7 +18,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Fields that may differ between a run and its resumption without changing what is trained.
-RESUME_NEUTRAL_FIELDS = frozenset({"resume_from", "progress", "tensorboard", "log_every", "output_dir"})
+RESUME_NEUTRAL_FIELDS = frozenset({"resume_from", "progress", "tensorboard", "log_every", "output_dir", "compile"})
 
 
 class TrainConfigError(ValueError):

@@ -32,6 +32,7 @@ from .data import Batch, CollateFn, DataPlan, data_fingerprint, make_collate
 from .logging import RunLogger, peak_memory_mb, require_tensorboard
 from .loss import LossFn, count_targets, default_loss_fn
 from .optim import OptimizerFactory, build_optimizer
+from ..kernels.compile import compile_decoder_layers
 from .runtime import any_process, enable_gradient_checkpointing, make_accelerator, pad_token_id, resolve_task
 from .schedule import build_scheduler
 from .signals import StopRequest
@@ -88,6 +89,8 @@ def train(
     # -- model, optimizer, schedule (undone on the way out, whatever happens) -----------
     was_training = model.training
     undo_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
+    if config.compile:
+        compile_decoder_layers(model)  # stays compiled after the run; compiles on the first step
     try:
         model.train()
         optimizer = (optimizer_fn or build_optimizer)(model, config)
