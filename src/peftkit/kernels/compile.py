@@ -17,14 +17,15 @@ __all__ = ["compile_decoder_layers", "find_decoder_layers"]
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    """The module holding the layer stack: peftkit PeftModel -> transformers model -> its
-    backbone (`base_model`, e.g. LlamaForCausalLM.model); a plain module is its own."""
-    from ..model import PeftModel
-
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    backbone = getattr(model, "base_model", None)
-    return backbone if isinstance(backbone, nn.Module) else model
+    """The module holding the layer stack, found by following `base_model` down: a peftkit
+    PeftModel -> its transformers model -> that model's backbone (e.g. LlamaForCausalLM.model),
+    which is its own `base_model`. A module without `base_model` is its own backbone."""
+    for _ in range(4):
+        inner = getattr(model, "base_model", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = inner
+    return model
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import select
+from ._gemm import linear_nt
 
 __all__ = ["dora_weight_norm", "dora_weight_norm_reference", "weight_row_sq_norm"]
 
@@ -99,7 +100,7 @@ def _dora_torch(weight, lora_A, lora_B, scaling, weight_sq_norm, fan_in_fan_out)
     cross = torch.empty_like(w_sq)  # Σ_k B_ik (W Aᵀ)_ik
     for start, block in _row_blocks(weight, fan_in_fan_out, acc):
         stop = start + block.shape[0]
-        cross[start:stop] = (torch.mm(block, A.t()) * B[start:stop]).sum(1)
+        cross[start:stop] = (linear_nt(block, A) * B[start:stop]).sum(1)
     lora_sq = (torch.mm(B, torch.mm(A, A.t())) * B).sum(1)  # ||(B A)_i||²
 
     sq = w_sq + (2 * s) * cross + (s * s) * lora_sq

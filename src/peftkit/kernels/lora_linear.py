@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import compute_dtype, select
+from ._gemm import linear_nt
 
 # Keep x·Aᵀ ([N, r]: r/in of x's bytes, 3% at r=16, in=512) for B's gradient rather than
 # recomputing it in backward. benchmarks/kernels_micro.py ("fast-rc") measures both: recomputing
@@ -37,13 +38,23 @@ _P_LEVELS = 2**16
 def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.device | str) -> Tensor:
     """Bool mask, True where an element is kept (probability 1 - p, p rounded to 2^-16).
 
-    A pure function of (seed, shape, p, device type): the fast path calls it in forward and
+    A pure function of (seed, shape, p, device type): the fast path draws it in forward and
     again in backward, and tests call it to reproduce the mask a given seed produces.
+    """
+    return _keep_mask(seed, shape, p, device, torch.bool)
+
+
+def _keep_mask(seed: int, shape: Sequence[int], p: float, device, dtype: torch.dtype) -> Tensor:
+    """`dropout_keep_mask` as 0/1 in `dtype` (bool or a float dtype to multiply with).
+
+    On CPU a same-dtype multiply is ~8x faster than torch.where or a bool operand (mixed-dtype
+    elementwise kernels are not vectorised there), and comparing straight into a float output
+    costs less than the bool comparison alone.
     """
     shape = tuple(shape)
     dropped = round(float(p) * _P_LEVELS)
     if dropped >= _P_LEVELS:
-        return torch.zeros(shape, dtype=torch.bool, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
     n = 1
     for size in shape:
         n *= size
@@ -52,7 +63,10 @@ def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.d
     bits = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device)
     bits.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
     lanes = bits.view(torch.int16)[:n].view(shape)  # 4 uniform int16 per draw
-    return lanes >= dropped - _P_LEVELS // 2
+    threshold = dropped - _P_LEVELS // 2
+    if dtype == torch.bool:
+        return lanes >= threshold
+    return torch.ge(lanes, threshold, out=torch.empty(shape, dtype=dtype, device=device))
 
 
 def _keep_rescale(p: float) -> float:
@@ -115,12 +129,12 @@ class _LoraLinearFn(torch.autograd.Function):
         cd = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         w = weight.to(cd)
-        w_t = w if fan_in_fan_out else w.t()  # [in, out]
-        y = torch.mm(x2, w_t) if bias is None else torch.addmm(bias.to(cd), x2, w_t)
+        y = linear_nt(x2, w.t() if fan_in_fan_out else w, None if bias is None else bias.to(cd))
 
-        keep = dropout_keep_mask(seed, x2.shape, dropout_p, x.device) if dropout_p > 0 else None
+        keep = _keep_mask(seed, x2.shape, dropout_p, x.device, cd) if dropout_p > 0 else None
         s = scaling * _keep_rescale(dropout_p)
-        xk = x2 if keep is None else torch.where(keep, x2, 0)
+        xk = x2 if keep is None else x2 * keep
+        del keep
         xa = torch.mm(xk, lora_A.to(cd).t()).mul_(s)  # [N, r]
         del xk
         y.addmm_(xa, lora_B.to(cd).t())
@@ -144,8 +158,8 @@ class _LoraLinearFn(torch.autograd.Function):
         need_xk = need_A or (need_B and xa is None)  # the dropped input x·mask
         keep = None
         if ctx.dropout_p > 0 and (need_x or need_xk):
-            keep = dropout_keep_mask(ctx.seed, x2.shape, ctx.dropout_p, x2.device)
-        xk = (x2 if keep is None else torch.where(keep, x2, 0)) if need_xk else None
+            keep = _keep_mask(ctx.seed, x2.shape, ctx.dropout_p, x2.device, cd)
+        xk = (x2 if keep is None else x2 * keep) if need_xk else None
 
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_B:
@@ -159,11 +173,11 @@ class _LoraLinearFn(torch.autograd.Function):
             del xk
             if need_x:
                 w = weight.to(cd)
-                grad_x = torch.mm(g, w.t() if ctx.fan_in_fan_out else w)
+                grad_x = linear_nt(g, w if ctx.fan_in_fan_out else w.t())
                 if keep is None:
                     grad_x.addmm_(g_b, A)
                 else:
-                    grad_x.add_(torch.mm(g_b, A).mul_(keep))
+                    grad_x.addcmul_(torch.mm(g_b, A), keep)
                 grad_x = grad_x.view(ctx.x_shape)
         if need_w:
             gw = torch.mm(g.t(), x2)  # [out, in]

@@ -169,7 +169,8 @@ def _probe(base: nn.Module, batch: Batch) -> str | None:
     # class when the layers are compiled (compile_decoder_layers).
     with torch.random.fork_rng(devices=devices, device_type=ids.device.type), torch.compiler.set_stance("force_eager"):
         seed = torch.seed()
-        full = base(**inputs, use_cache=False).logits
+        full = base(**inputs, use_cache=False)
+        full = full.logits if hasattr(full, "logits") else full[0]  # return_dict=False: a tuple
         torch.manual_seed(seed)
         split = head(base.base_model(**inputs, use_cache=False)[0])
     if full.shape != split.shape:

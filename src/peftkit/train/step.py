@@ -72,7 +72,10 @@ def optimizer_step(
         # Gradients are all-reduced once per window, in the backward of its last micro-batch.
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
-            loss_sum, n = loss_fn(model, batch)
+            # Under mixed precision the whole loss (also a fused head + cross-entropy that calls
+            # the backbone directly) runs in the autocast dtype, not only the model's forward.
+            with accelerator.autocast():
+                loss_sum, n = loss_fn(model, batch)
             if filler:
                 loss_sum = loss_sum * 0.0
             else:
@@ -141,7 +144,8 @@ def evaluate(
                 if with_accuracy:
                     loss_sum, n, correct = seq_cls_eval(model, batch)
                 else:
-                    (loss_sum, n), correct = loss_fn(model, batch), 0
+                    with accelerator.autocast():
+                        (loss_sum, n), correct = loss_fn(model, batch), 0
                 if not filler:
                     totals += torch.tensor([0.0, float(n), float(correct)], dtype=torch.float64, device=totals.device)
                     totals[0] += loss_sum.double()

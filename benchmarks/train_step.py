@@ -1,0 +1,378 @@
+"""One training step of peftkit against the `peft` library, same model, data and settings.
+
+Each configuration runs in a fresh Python process (same interpreter, thread count and
+allocator), builds a Llama-style model from a config (no download), attaches the adapter, and
+times `steps` training steps after `warmup` steps: forward, loss, backward, AdamW step,
+zero_grad. Reported per configuration:
+
+  s/step       median wall seconds of the measured steps
+  cpu s        median process CPU seconds of the same steps (all threads): on a machine shared
+               with other jobs this moves less than the wall time
+  peak MB      CPU: the process's peak RSS (ru_maxrss); GPU: torch.cuda.max_memory_allocated
+  model MB     the same measure right after the model (with adapter) is built, so the part the
+               training step adds (activations, gradients, optimizer state) is peak - model
+  loss         the loss of the last measured step
+
+Sides:
+  floor    the frozen base model, no adapter, gradients to the input embeddings only (every
+           layer still runs backward), transformers' own `labels=` loss: the cost of the base
+  peft     peft.get_peft_model + the model's own `labels=` loss (what a peft + Trainer user runs)
+  peftkit  peftkit.get_peft_model + the loss peftkit's loop uses (fused lm_head + CE where it
+           applies, else full logits): what a peftkit user gets by default; --compile adds a
+           run with torch.compile on each decoder layer
+
+dtypes: fp32 (everything fp32) and bf16 (base weights bf16, adapter weights fp32 on both sides:
+peft's default autocast_adapter_dtype=True, peftkit's default).
+
+    python benchmarks/train_step.py                       # the default shape, all configurations
+    python benchmarks/train_step.py --layers 2 --vocab 4096 --seq 64 --steps 3   # a quick look
+    python benchmarks/train_step.py --json out.json --compile
+
+`--device cuda` runs the same on a GPU (peak = max_memory_allocated); it was not run on the
+machine these numbers come from (no GPU there).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 1e6
+
+VARIANTS = {
+    "lora": dict(lora_dropout=0.0, use_dora=False),
+    "lora+dropout0.1": dict(lora_dropout=0.1, use_dora=False),
+    "dora": dict(lora_dropout=0.0, use_dora=True),
+}
+DTYPES = ("fp32", "bf16")
+
+# Targets from the issue: (what, dtype, variant, limit).
+TIME_TARGET = {"bf16": 0.6, "fp32": 0.85}
+MEM_TARGET = {"bf16": 0.7, "fp32": 0.8}
+DROPOUT_TARGET = 1.10  # lora+dropout0.1 time / lora time
+DORA_TARGET = 1.20  # dora time / lora time
+
+
+# --------------------------------------------------------------------------- child process
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+
+
+def _peak_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # KiB on Linux
+
+
+def _current_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MB
+    return _rss_now_mb()
+
+
+def run_one(spec: dict) -> dict:
+    """Build, warm up and time one configuration; returns the measurements."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    torch.manual_seed(spec["seed"])
+    config = LlamaConfig(
+        hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"], vocab_size=spec["vocab"],
+        max_position_embeddings=max(2048, spec["seq"]),
+    )
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model.train()
+
+    side = spec["side"]
+    if side == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()  # backward through every layer, to the embeddings' output
+    else:
+        variant = VARIANTS[spec["variant"]]
+        kwargs = dict(r=spec["r"], lora_alpha=spec["alpha"], target_modules="all-linear", task_type="CAUSAL_LM", **variant)
+        torch.manual_seed(spec["seed"] + 1)
+        if side == "peft":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+        else:
+            import peftkit
+
+            model = peftkit.get_peft_model(model, peftkit.LoraConfig(**kwargs))
+            if spec["compile"]:
+                from peftkit.kernels.compile import compile_decoder_layers
+
+                compile_decoder_layers(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if side != "floor" else None
+    loss_fn = _loss_fn(side)
+
+    gen = torch.Generator().manual_seed(spec["seed"] + 2)
+    n_steps = spec["warmup"] + spec["steps"]
+    batches = [torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=gen) for _ in range(n_steps)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    model_mb = _current_mb(device)
+    model_peak_mb = _peak_mb(device)
+
+    times, cpu_times, losses = [], [], []
+    for ids in batches:
+        ids = ids.to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        losses.append(float(loss))
+    measured = times[spec["warmup"]:]
+    fused = None
+    if side == "peftkit":
+        from peftkit.train.fused_loss import fused_loss_blocker
+
+        fused = fused_loss_blocker(model, batch) or "used"  # else: why the full logits were used
+    return {
+        "fused_loss": fused,
+        "s_per_step": statistics.median(measured),
+        "step_times": measured,
+        "cpu_s_per_step": statistics.median(cpu_times[spec["warmup"]:]),
+        "warmup_times": times[: spec["warmup"]],
+        "peak_mb": _peak_mb(device),
+        "model_mb": model_mb,
+        "model_peak_mb": model_peak_mb,
+        "loss": losses[-1],
+        "trainable_params": sum(p.numel() for p in trainable),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _loss_fn(side: str):
+    if side in ("floor", "peft"):
+        return lambda model, batch: model(**batch, use_cache=False).loss
+
+    # The loop's default causal-LM loss: fused lm_head + CE where exact, full logits elsewhere.
+    from peftkit.train.loss import fast_causal_lm_loss
+
+    def peftkit_loss(model, batch):
+        loss_sum, n = fast_causal_lm_loss(model, batch)
+        return loss_sum / n
+
+    return peftkit_loss
+
+
+# --------------------------------------------------------------------------- parent process
+def configurations(args) -> list[dict]:
+    shape = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch",
+                                            "r", "alpha", "warmup", "steps", "threads", "device", "seed")}
+    out = []
+    for dtype in args.dtypes:
+        out.append(dict(shape, side="floor", dtype=dtype, variant="-", compile=False))
+        for variant in args.variants:
+            for side in ("peft", "peftkit"):
+                out.append(dict(shape, side=side, dtype=dtype, variant=variant, compile=False))
+            if args.compile:
+                out.append(dict(shape, side="peftkit", dtype=dtype, variant=variant, compile=True))
+    return out
+
+
+def _label(spec: dict) -> str:
+    return spec["side"] + ("+compile" if spec["compile"] else "")
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+                "stderr": proc.stderr[-4000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _find(results, side, dtype, variant, compile=False):
+    for r in results:
+        s = r["spec"]
+        if s["side"] == side and s["dtype"] == dtype and s["variant"] == variant and s["compile"] == compile and "error" not in r:
+            return r
+    return None
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Ratios vs peft (same dtype and variant) and vs the same side's plain LoRA."""
+    for r in results:
+        if "error" in r:
+            continue
+        s = r["spec"]
+        peft_r = _find(results, "peft", s["dtype"], s["variant"])
+        if peft_r is not None and s["side"] != "peft":
+            r["time_vs_peft"] = r["s_per_step"] / peft_r["s_per_step"]
+            r["cpu_vs_peft"] = r["cpu_s_per_step"] / peft_r["cpu_s_per_step"]
+            r["peak_vs_peft"] = r["peak_mb"] / peft_r["peak_mb"]
+        lora_r = _find(results, s["side"], s["dtype"], "lora", s["compile"])
+        if lora_r is not None and s["variant"] in ("lora+dropout0.1", "dora"):
+            r["time_vs_own_lora"] = r["s_per_step"] / lora_r["s_per_step"]
+            r["cpu_vs_own_lora"] = r["cpu_s_per_step"] / lora_r["cpu_s_per_step"]
+
+
+def target_checks(results: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    checks = []
+    for dtype in DTYPES:
+        for side in ("peftkit", "peftkit+compile"):
+            compiled = side.endswith("compile")
+            r = _find(results, "peftkit", dtype, "lora", compiled)
+            if r is None or "time_vs_peft" not in r:
+                continue
+            checks.append(dict(what=f"{dtype} lora {side}: time / peft", value=r["time_vs_peft"],
+                               cpu_value=r["cpu_vs_peft"], limit=TIME_TARGET[dtype]))
+            checks.append(dict(what=f"{dtype} lora {side}: peak / peft", value=r["peak_vs_peft"], limit=MEM_TARGET[dtype]))
+            for variant, limit in (("lora+dropout0.1", DROPOUT_TARGET), ("dora", DORA_TARGET)):
+                v = _find(results, "peftkit", dtype, variant, compiled)
+                if v is not None and "time_vs_own_lora" in v:
+                    checks.append(dict(what=f"{dtype} {variant} {side}: time / own lora", value=v["time_vs_own_lora"],
+                                       cpu_value=v["cpu_vs_own_lora"], limit=limit))
+    for c in checks:
+        c["met"] = c["value"] <= c["limit"]
+    return checks
+
+
+def print_table(results: list[dict], checks: list[dict]) -> None:
+    head = (f"{'dtype':5} {'variant':16} {'side':16} {'s/step':>7} {'cpu s':>6} {'peak MB':>8} {'model MB':>8} "
+            f"{'loss':>7} {'t/peft':>7} {'cpu/peft':>8} {'mem/peft':>8} {'t/lora':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        s = r["spec"]
+        if "error" in r:
+            print(f"{s['dtype']:5} {s['variant']:16} {_label(s):16} ERROR {r['error']}")
+            continue
+
+        def fmt(key, width):
+            return f"{r[key]:{width}.2f}" if key in r else " " * (width - 1) + "-"
+
+        print(f"{s['dtype']:5} {s['variant']:16} {_label(s):16} {r['s_per_step']:7.3f} {r['cpu_s_per_step']:6.2f} "
+              f"{r['peak_mb']:8.0f} {r['model_mb']:8.0f} {r['loss']:7.3f} {fmt('time_vs_peft', 7)} "
+              f"{fmt('cpu_vs_peft', 8)} {fmt('peak_vs_peft', 8)} {fmt('time_vs_own_lora', 7)}")
+    if checks:
+        print("\ntargets (wall-time ratio; the CPU-time ratio in brackets)")
+        for c in checks:
+            cpu = f" [{c['cpu_value']:.2f}]" if "cpu_value" in c else "       "
+            print(f"  {c['what']:52} {c['value']:5.2f}{cpu} <= {c['limit']:.2f}  {'met' if c['met'] else 'MISSED'}")
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "allocator": os.environ.get("LD_PRELOAD") or "glibc malloc (default)"}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg"] = f.read().split()[:3]
+    except OSError:
+        pass
+    try:
+        import peft
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (compile runs need >= 1)")
+    p.add_argument("--steps", type=int, default=5, help="measured steps; the median is reported")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every run (default: all cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: untested on the reference machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--compile", action="store_true", help="also run peftkit with torch.compile on each decoder layer")
+    p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) and print JSON
+    args = p.parse_args(argv)
+    problems = [f"--{k}={getattr(args, k)} must be >= 1" for k in
+                ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch", "r", "steps", "threads")
+                if getattr(args, k) < 1]
+    if args.warmup < 0:
+        problems.append(f"--warmup={args.warmup} must be >= 0")
+    if args.hidden % args.heads:
+        problems.append(f"--hidden={args.hidden} must be a multiple of --heads={args.heads}")
+    if args.device not in ("cpu", "cuda"):
+        problems.append(f"--device={args.device!r}: use cpu or cuda")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
+    info = machine()
+    print(f"machine: {info}")
+    print(f"shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
+          f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}; LoRA r={args.r} alpha={args.alpha:g} all-linear; "
+          f"{args.warmup} warm-up + {args.steps} measured steps; {args.threads} threads\n")
+    results = []
+    for spec in configurations(args):
+        t0 = time.perf_counter()
+        r = run_child(spec, args.timeout)
+        r["spec"] = spec
+        results.append(r)
+        status = r.get("error") or f"{r['s_per_step']:.3f} s/step, peak {r['peak_mb']:.0f} MB"
+        print(f"  {spec['dtype']} {spec['variant']:16} {_label(spec):16} {status}  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    add_ratios(results)
+    checks = target_checks(results)
+    print()
+    print_table(results, checks)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results,
+                                               "targets": checks}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The fp32 CPU GEMM route of the fast paths (oneDNN above a size, torch.mm below) against torch.mm,
+and the fused ops at sizes that take the oneDNN route against their references."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from peftkit.kernels import _gemm, linear_cross_entropy, linear_cross_entropy_reference, lora_linear, lora_linear_reference
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# 128 x 256 x 256 = 8M multiply-adds: above MIN_ONEDNN_MACS
+N, IN, OUT, R = 128, 256, 256, 8
+assert N * IN * OUT >= _gemm.MIN_ONEDNN_MACS
+
+
+def test_onednn_route_available_on_x86_builds_with_mkldnn():
+    expected = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    assert _gemm.onednn_fp32_available() == expected
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not _gemm.onednn_fp32_available()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [N, 3])  # above and below the size threshold
+def test_linear_nt_matches_mm(transposed, bias, rows):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, IN, generator=g)
+    w = torch.randn(IN, OUT, generator=g).t() if transposed else torch.randn(OUT, IN, generator=g)
+    b = torch.randn(OUT, generator=g) if bias else None
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    got = _gemm.linear_nt(x, w, b)
+    assert got.shape == (rows, OUT) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_nt_bf16_is_torch_mm():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(N, IN, generator=g).bfloat16(), torch.randn(OUT, IN, generator=g).bfloat16()
+    assert torch.equal(_gemm.linear_nt(x, w), torch.mm(x, w.t()))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_lora_linear_large_fp32_matches_reference(dropout, fan_in_fan_out):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, IN, generator=g, requires_grad=True)
+    w = torch.randn(OUT, IN, generator=g) / IN**0.5
+    w = w.t().contiguous() if fan_in_fan_out else w
+    b = torch.randn(OUT, generator=g)
+    A = (torch.randn(R, IN, generator=g) / IN**0.5).requires_grad_()
+    B = (torch.randn(OUT, R, generator=g) / R**0.5).requires_grad_()
+    grad_out = torch.randn(N, OUT, generator=g)
+    results = []
+    for fn in (lora_linear, lora_linear_reference):
+        for t in (x, A, B):
+            t.grad = None
+        y = fn(x, w, b, A, B, 2.0, dropout, True, fan_in_fan_out, dropout_seed=11)
+        y.backward(grad_out)
+        results.append([y.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_linear_cross_entropy_large_fp32_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(96, 128, generator=g, requires_grad=True)
+    weight = (torch.randn(1024, 128, generator=g) / 128**0.5).requires_grad_()
+    labels = torch.randint(0, 1024, (96,), generator=g)
+    labels[::7] = -100
+    results = []
+    for fn in (linear_cross_entropy, linear_cross_entropy_reference):
+        hidden.grad = weight.grad = None
+        loss = fn(hidden, weight, labels, chunk_size=40)
+        loss.backward()
+        results.append([loss.detach(), hidden.grad.clone(), weight.grad.clone()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_exact_where_the_target_probability_underflows(dtype):
+    # Targets 200+ logits below the row maximum: p(target) underflows in fp32, so the loss of
+    # those rows cannot come from -log(softmax); it must still equal logsumexp - target.
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(24, 16, generator=g)
+    weight = torch.randn(64, 16, generator=g)
+    hidden[::3] *= 60.0
+    logits = hidden @ weight.t()
+    labels = logits.argmin(1)  # the least likely class: hopeless rows, huge loss
+    labels[1::3] = logits[1::3].argmax(1)  # confident right rows, loss ~ 0
+    hidden, weight = hidden.to(dtype).requires_grad_(), weight.to(dtype)
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=10)
+    loss.backward()
+    got_grad, hidden.grad = hidden.grad.clone(), None
+    ref = linear_cross_entropy_reference(hidden, weight, labels)
+    ref.backward()
+    assert torch.isfinite(loss) and loss.item() > 1000
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad.float(), hidden.grad.float(), rtol=1e-2, atol=1e-2 * hidden.grad.float().abs().max().item())
+
+
+def test_onednn_route_traces_under_torch_compile():
+    # Inside a compiled graph the oneDNN call is an opaque custom op (with a fake-tensor shape
+    # function); the compiled forward and backward equal eager.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, IN, generator=g, requires_grad=True)
+    w = torch.randn(OUT, IN, generator=g) / IN**0.5
+    A = (torch.randn(R, IN, generator=g) / IN**0.5).requires_grad_()
+    B = (torch.randn(OUT, R, generator=g) / R**0.5).requires_grad_()
+    head = torch.randn(512, OUT, generator=g) / OUT**0.5  # [V, H]: 64 x 256 x 512 per chunk
+    labels = torch.randint(0, 512, (N,), generator=g)
+
+    def step(x):
+        h = lora_linear(x, w, None, A, B, 2.0)
+        return linear_cross_entropy(h, head, labels, chunk_size=64)
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        for t in (x, A, B):
+            t.grad = None
+        loss = fn(x)
+        loss.backward()
+        results.append([loss.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()])
+    torch._dynamo.reset()
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
