@@ -1,8 +1,8 @@
 """Every adapter method through one contract, on tiny models, with `peft` as the reference.
 
 A row of CASES names a method, how to build its peftkit config and the equivalent `peft` config,
-and the base model. Whole-model methods (prompt tuning) fit the same table: set `mergeable=False`
-(and `zero_init=False` where a fresh adapter changes the output).
+and the base model. Whole-model methods (prompt and prefix tuning) are rows too, with `mergeable=False`
+and `zero_init=False` (a fresh prompt changes the output).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import peftkit
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
-from tiny_models import gpt2, inputs_for, llama, logits, perturb_trainable, twin
+from tiny_models import gpt2, inputs_for, llama, perturb_trainable, twin
+from tiny_models import logits as all_logits
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -49,6 +50,8 @@ LORA = (peftkit.LoraConfig, peft.LoraConfig)
 IA3 = (IA3Config, peft.IA3Config)
 LOHA = (LoHaConfig, peft.LoHaConfig)
 LOKR = (LoKrConfig, peft.LoKrConfig)
+PROMPT = (peftkit.PromptTuningConfig, peft.PromptTuningConfig)
+PREFIX = (peftkit.PrefixTuningConfig, peft.PrefixTuningConfig)
 
 CASES = [
     _case("lora-llama", llama, "llama", LORA, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
@@ -60,6 +63,10 @@ CASES = [
     _case("lokr-llama-decomposed", llama, "llama", LOKR,
           dict(r=1, alpha=2, target_modules=["q_proj", "gate_proj", "down_proj"], decompose_both=True,
                decompose_factor=4)),
+    _case("prompt-tuning-llama", llama, "llama", PROMPT, dict(task_type="CAUSAL_LM", num_virtual_tokens=4),
+          zero_init=False, mergeable=False),
+    _case("prefix-tuning-llama", llama, "llama", PREFIX, dict(task_type="CAUSAL_LM", num_virtual_tokens=4),
+          zero_init=False, mergeable=False),
 ]
 IDS = [c.id for c in CASES]
 
@@ -73,6 +80,11 @@ def _adapted(case: Case, seed: int = 3):
     model = peftkit.get_peft_model(base, case.ours())
     perturb_trainable(model, seed=seed)
     return model, spare, batch, plain
+
+
+def logits(model, batch) -> torch.Tensor:
+    """Logits of the real positions (prompt tuning also returns its virtual tokens' logits)."""
+    return all_logits(model, batch)[:, -batch["input_ids"].shape[1]:]
 
 
 def _file_state(folder) -> dict[str, torch.Tensor]:
@@ -123,7 +135,8 @@ def test_save_and_load_round_trip_in_peftkit(case, tmp_path):
     # Equal tensors; the logits may differ in the last bit (CPU kernels depend on memory alignment).
     assert (logits(loaded, batch) - expected).abs().max() < 1e-6
     saved = _file_state(tmp_path)
-    assert all(key.startswith("base_model.model.") and ".default" not in key for key in saved)
+    assert all((key.startswith("base_model.model.") or key == "prompt_embeddings") and ".default" not in key
+               for key in saved)
     assert all(torch.equal(saved[k], v) for k, v in loaded.adapter_state_dict().items())
 
 
