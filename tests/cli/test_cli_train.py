@@ -148,6 +148,22 @@ def test_other_methods_come_from_the_registry(tmp_path, llama_dir):
     assert adapter["peft_type"] == "IA3" and adapter["feedforward_modules"] == ["down_proj"]
 
 
+@pytest.mark.parametrize("adapter", [
+    "{method: lora, r: 2, target_modules: [q_proj], use_dora: true}",
+    "{method: loha, r: 2, alpha: 4, target_modules: [q_proj, v_proj]}",
+    "{method: lokr, r: 2, alpha: 4, target_modules: [q_proj, v_proj]}",
+    "{method: prompt_tuning, num_virtual_tokens: 4}",
+    "{method: prefix_tuning, num_virtual_tokens: 4}",
+])
+def test_every_method_trains_from_yaml(tmp_path, llama_dir, adapter):
+    config = causal_config(tmp_path, llama_dir, "text")
+    assert main(["train", config, f"adapter={adapter}", "train.max_steps=2", "--no-eval-before"]) == 0
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    method = adapter.split("method: ")[1].split(",")[0]
+    assert saved["peft_type"] == method.upper()
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
 def test_malformed_row_names_file_and_line(tmp_path, llama_dir, capsys):
     config = causal_config(tmp_path, llama_dir, "messages")
     bad = tmp_path / "bad.jsonl"
