@@ -3,7 +3,6 @@ import os
 
 import peft
 import pytest
-import torch
 
 import peftkit
 from tiny_models import FACTORIES, inputs_for, logits, perturb_trainable, twin

@@ -1,5 +1,4 @@
 """PeftModel behaviour: merge, disable, unload, gradients, several adapters, errors."""
-import copy
 import json
 
 import pytest
@@ -248,7 +247,7 @@ def test_missing_and_unexpected_keys_are_reported_by_name(tmp_path):
     save_file(state, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
     base = llama()
     with pytest.warns(UserWarning) as record:
-        loaded = PeftModel.from_pretrained(base, str(tmp_path))
+        PeftModel.from_pretrained(base, str(tmp_path))
     text = " ".join(str(r.message) for r in record)
     assert dropped in text and "lora_C.weight" in text
     fresh = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"]))

@@ -3,7 +3,6 @@ import peft
 import pytest
 
 import peftkit
-from peftkit.methods.base import AdapterLayer
 from tiny_models import FACTORIES
 
 CONFIGS = [

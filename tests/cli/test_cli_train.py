@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from cli_helpers import ROWS, causal_config, cls_config, read_metrics, write_config, write_jsonl
 from safetensors.torch import load_file
 

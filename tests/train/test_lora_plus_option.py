@@ -1,5 +1,4 @@
 """TrainConfig.lora_plus_ratio: B matrices take steps `ratio` times larger than A (LoRA+)."""
-import torch
 from _tiny_train import lm_rows, tiny_llama
 
 from peftkit.methods.lora import LoraLayer

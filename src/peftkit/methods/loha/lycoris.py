@@ -172,3 +172,28 @@ class LycorisLayer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
+
+
+def check_conv_padding(module: nn.Module, key: str) -> None:
+    """The delta runs as F.conv2d with zero padding; other padding modes would silently differ."""
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise ValueError(f"{key} is an nn.Conv2d with padding_mode={module.padding_mode!r}; LoHa/LoKr support "
+                         f"only padding_mode='zeros'. Exclude it via exclude_modules.")
+
+
+def wrap_module(module: nn.Module, key: str, adapter_name: str, settings: dict,
+                linear_cls: type, conv_cls: type) -> nn.Module | None:
+    """Add adapter `adapter_name` to `module` (at path `key`): update a layer of this method in
+    place, or wrap an nn.Linear / nn.Conv2d; None for any other module type."""
+    if isinstance(module, (linear_cls, conv_cls)):
+        module.update_layer(adapter_name, **settings)
+        return module
+    if isinstance(module, nn.Linear):
+        layer = linear_cls(module)
+    elif isinstance(module, nn.Conv2d):
+        check_conv_padding(module, key)
+        layer = conv_cls(module)
+    else:
+        return None
+    layer.update_layer(adapter_name, **settings)
+    return layer

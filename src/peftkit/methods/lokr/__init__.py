@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .. import Method, register
-from ..loha import DEFAULT_TARGETS, check_conv_padding
+from ..loha import DEFAULT_TARGETS
+from ..loha.lycoris import wrap_module
 from .config import LoKrConfig
 from .layer import LoKrConv2d, LoKrLayer, LoKrLinear, factorization
 
@@ -18,18 +19,7 @@ def create_layer(module: nn.Module, key: str, config: LoKrConfig, adapter_name: 
                   init_weights=config.init_weights, use_effective_conv2d=config.use_effective_conv2d,
                   decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
                   rank_dropout_scale=config.rank_dropout_scale)
-    if isinstance(module, LoKrLayer):
-        module.update_layer(adapter_name, **kwargs)
-        return module
-    if isinstance(module, nn.Linear):
-        layer = LoKrLinear(module)
-    elif isinstance(module, nn.Conv2d):
-        check_conv_padding(module, key)
-        layer = LoKrConv2d(module)
-    else:
-        return None
-    layer.update_layer(adapter_name, **kwargs)
-    return layer
+    return wrap_module(module, key, adapter_name, kwargs, LoKrLinear, LoKrConv2d)
 
 
 register(Method(
