@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .checkpoint import SAFETENSORS_NAME, LoadReport, collect_adapter_state, load_adapter_weights, read_safetensors
 from .checkpoint.io import write_safetensors
+from .checkpoint.sharded import gather_full
 from .config import PeftConfig, TaskType
 from .injection import add_modules_to_save, adapter_layers, eject_layers, inject_adapter
 from .methods import get_method
@@ -92,7 +93,8 @@ class PeftModel(nn.Module):
             raise ValueError(f"Cannot add a {peft_config.peft_type} adapter to a model with {sorted(existing)} "
                              f"adapters; use one method per model")
         config = copy.deepcopy(peft_config)
-        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+        # PEFT trains and saves the classifier head of both classification tasks in full.
+        if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS) and hasattr(config, "modules_to_save"):
             heads = [n for n in SEQ_CLS_HEAD_NAMES if n not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + heads
         if config.base_model_name_or_path is None:
@@ -222,9 +224,13 @@ class PeftModel(nn.Module):
             return prompt_learning_state(self.base_model, self.prompt_encoder[name], name)
         return collect_adapter_state(self.base_model, name, getattr(self.peft_config[name], "bias", "none"))
 
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **_: object) -> None:
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
+                        is_main_process: bool = True, **_: object) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors; adapters other
-        than "default" go to a sub-folder named after them (PEFT's layout)."""
+        than "default" go to a sub-folder named after them (PEFT's layout).
+
+        Under FSDP every process must call this (tensors sharded over processes are gathered
+        whole, a collective); only the one with `is_main_process` writes."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a folder path")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -232,9 +238,12 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"selected_adapters {unknown} do not exist; available adapters: {list(self.peft_config)}")
         for name in names:
+            state = {key: gather_full(tensor) for key, tensor in self.adapter_state_dict(name).items()}
+            if not is_main_process:
+                continue
             out = self._adapter_dir(save_directory, name)
             os.makedirs(out, exist_ok=True)
-            write_safetensors(os.path.join(out, SAFETENSORS_NAME), self.adapter_state_dict(name))
+            write_safetensors(os.path.join(out, SAFETENSORS_NAME), state)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(out)

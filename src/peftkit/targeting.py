@@ -70,7 +70,10 @@ def all_linear_targets(model: nn.Module, task_type: str | None) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear_types())}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = [head] if head is not None else []
-    if head is None and task_type == "SEQ_CLS":
+    # A classifier head gets a full trainable copy (modules_to_save), never an adapter; PEFT
+    # leaves it out for SEQ_CLS only and then fails on TOKEN_CLS ("modules_to_save cannot be
+    # applied to ... lora.Linear"), so both classification tasks drop it here.
+    if head is None and task_type in ("SEQ_CLS", "TOKEN_CLS"):
         heads = [getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None]
     for head_module in heads:
         for name, module in model.named_modules():

@@ -130,10 +130,10 @@ def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tm
 
 def test_unknown_adapter_method_and_bad_values(tmp_path, llama_dir, capsys):
     config = causal_config(tmp_path, llama_dir)
-    assert main(["train", config, "adapter.method=lorra", "model.task=token-cls", "data.overflow=cut"]) == 2
+    assert main(["train", config, "adapter.method=lorra", "model.task=ner", "data.overflow=cut"]) == 2
     err = capsys.readouterr().err
     assert "adapter.method: 'lorra' is not a known method (did you mean 'lora'?); accepted: ia3, loha" in err
-    assert "model.task: 'token-cls' is not supported yet" in err
+    assert "model.task: 'ner' is not accepted; accepted: causal-lm, seq-cls, seq2seq, token-cls" in err
     assert "data.overflow: 'cut' is not a policy; accepted: truncate, drop, error" in err
     assert main(["train", config, "trainlr=3"]) == 2
     assert "override 'trainlr=3' is not of the form section.key=value" in capsys.readouterr().err

@@ -58,3 +58,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ddp_ckpt = load_file(str(ddp_out / "checkpoint-2" / "trainable.safetensors"))
     single_ckpt = load_file(str(tmp_path / "single" / "checkpoint-2" / "trainable.safetensors"))
     assert max_diff(ddp_ckpt, single_ckpt) < 1e-5
+
+
+def test_a_process_state_that_lost_the_launch_is_an_error_not_a_lonely_run(monkeypatch, tmp_path):
+    # A PartialState made without cpu=True on a CPU-only torchrun job sees one process; the
+    # loop would then train each rank alone. It refuses instead, naming both counts.
+    import pytest
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState()  # single process, as such code would leave it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        with pytest.raises(RuntimeError, match="WORLD_SIZE=2 .* has 1"):
+            train(tiny_llama(), lm_rows(4), config=TrainConfig(output_dir=str(tmp_path), max_steps=1, progress=False))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

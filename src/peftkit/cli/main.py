@@ -14,7 +14,7 @@ EPILOG = """examples:
   peftkit preview config.yaml -n 5            tokenized examples with the trained tokens marked
   peftkit merge out/run --out merged/         adapter folded into a plain transformers model
   peftkit generate out/run "Hello"            stream a reply (causal LM adapters)
-  peftkit eval out/run --data test.jsonl      loss / perplexity or accuracy on a data file
+  peftkit eval out/run --data test.jsonl      loss / perplexity or accuracy (per row / per tagged token)
   peftkit inspect MODEL --config config.yaml  targetable modules, what the config matches
 """
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="modules an adapter can target; what a config matches; sizes")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--config", metavar="CONFIG.yaml")
-    p.add_argument("--task", choices=("causal-lm", "seq-cls", "seq2seq"), help="default: from the model's config")
+    p.add_argument("--task", choices=("causal-lm", "seq-cls", "seq2seq", "token-cls"),
+                   help="default: from the model's config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for --config")
     return parser
 

@@ -3,6 +3,8 @@
     from peftkit.data import DataConfig, prepare_datasets, preview
     data = prepare_datasets(DataConfig(path="train.jsonl", max_length=512), tokenizer, task="causal-lm")
     data.train, data.eval, data.collator, data.stats, data.format, data.label_names, data.cache_hit
+
+task is "causal-lm", "seq-cls", "seq2seq" or "token-cls" (rows of words + one tag per word).
 """
 
 from .collate import DataCollator, block_causal_mask, make_collator
@@ -11,7 +13,7 @@ from .errors import DataError
 from .formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, alpaca_prompt
 from .packing import pack_lengths
 from .pipeline import DataStats, PreparedData, prepare_datasets
-from .preview import PreviewReport, preview, render_example
+from .preview import PreviewReport, preview, render_example, render_tagged
 from .tokenization import IGNORE_INDEX
 
 __all__ = [
@@ -36,4 +38,5 @@ __all__ = [
     "prepare_datasets",
     "preview",
     "render_example",
+    "render_tagged",
 ]

@@ -18,7 +18,7 @@ META_FILE = "meta.json"
 # DataConfig fields that change the produced tokens (paths enter through source fingerprints).
 KEYED_SETTINGS = (
     "eval_split", "split", "format", "column_mapping", "max_length", "overflow",
-    "train_on", "add_eos", "packing", "seed", "system_prompt",
+    "train_on", "add_eos", "packing", "seed", "system_prompt", "label_all_subwords",
 )  # fmt: skip
 
 

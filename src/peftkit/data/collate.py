@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import TASKS
 from .errors import DataError
 from .tokenization import IGNORE_INDEX
 
@@ -30,7 +31,7 @@ PACKED_ATTENTION = ("mask", "position_ids")
 class DataCollator:
     """Pads a list of examples (dicts with input_ids, labels, optional position_ids) into tensors.
 
-    Returns input_ids [B, L], labels [B, L] (causal-lm), [B, T] (seq2seq) or [B] (seq-cls),
+    Returns input_ids [B, L], labels [B, L] (causal-lm, token-cls), [B, T] (seq2seq) or [B] (seq-cls),
     and attention_mask [B, L]; packed causal-LM batches get position_ids [B, L] and
     attention_mask [B, 1, L, L] (or none, with packed_attention="position_ids").
     Padded label positions are always -100 regardless of the pad id, so a pad id equal to
@@ -45,8 +46,8 @@ class DataCollator:
         pad_to_multiple_of: int | None = None,
     ) -> None:
         problems = []
-        if task not in ("causal-lm", "seq-cls", "seq2seq"):
-            problems.append(f"task {task!r} is not accepted; accepted: causal-lm, seq-cls, seq2seq")
+        if task not in TASKS:
+            problems.append(f"task {task!r} is not accepted; accepted: {', '.join(TASKS)}")
         if packed_attention not in PACKED_ATTENTION:
             accepted = ", ".join(PACKED_ATTENTION)
             problems.append(f"packed_attention {packed_attention!r} is not accepted; accepted: {accepted}")
@@ -76,6 +77,8 @@ class DataCollator:
             batch["labels"] = _pad(labels, self._padded_length(max(len(x) for x in labels)), IGNORE_INDEX)
             return batch
         batch["labels"] = _pad(labels, length, IGNORE_INDEX)
+        if self.task == "token-cls":
+            return batch
         packed = ["position_ids" in f for f in features]
         if any(packed) and not all(packed):
             raise DataError("cannot collate packed examples (with position_ids) together with unpacked ones")

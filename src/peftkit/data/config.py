@@ -10,12 +10,14 @@ from typing import Any
 from .errors import DataError
 
 # Row formats a user may name; "auto" detects one from the column names.
-FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "classification")
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "classification", "token_classification")
 # Column names the formats read; `column_mapping` renames user columns onto these.
-CANONICAL_COLUMNS = ("text", "prompt", "completion", "instruction", "input", "output", "messages", "label")
+CANONICAL_COLUMNS = (
+    "text", "prompt", "completion", "instruction", "input", "output", "messages", "label", "tokens", "tags",
+)  # fmt: skip
 OVERFLOW_POLICIES = ("truncate", "drop", "error")
 TRAIN_ON = ("completion", "all")
-TASKS = ("causal-lm", "seq-cls", "seq2seq")
+TASKS = ("causal-lm", "seq-cls", "seq2seq", "token-cls")
 
 
 def default_cache_dir() -> str:
@@ -43,6 +45,8 @@ class DataConfig:
                    plain text rows are always trained on every token.
     add_eos:       end each causal-LM example (and seq2seq target) with the EOS token, trained.
     packing:       pack several causal-LM rows per sequence (rows never attend to each other).
+    label_all_subwords: token-cls: every sub-word of a word carries the word's tag (default: only
+                   the first; the others are -100 and not trained or scored).
     cache_dir:     where tokenized data is cached; unset for `default_cache_dir()`.
     seed:          seeds the eval hold-out.
     system_prompt: prepended as a system message (messages) or a preamble (alpaca).
@@ -59,6 +63,7 @@ class DataConfig:
     train_on: str = "completion"
     add_eos: bool = True
     packing: bool = False
+    label_all_subwords: bool = False
     cache_dir: str | None = None
     seed: int = 42
     system_prompt: str | None = None
@@ -120,7 +125,7 @@ class DataConfig:
             out.append(f"data.overflow: {self.overflow!r} is not a policy; accepted: {', '.join(OVERFLOW_POLICIES)}")
         if self.train_on not in TRAIN_ON:
             out.append(f"data.train_on: {self.train_on!r} is not accepted; accepted: {', '.join(TRAIN_ON)}")
-        for name in ("add_eos", "packing"):
+        for name in ("add_eos", "packing", "label_all_subwords"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 out.append(f"data.{name}: {value!r} is not a boolean; use true or false")

@@ -14,7 +14,12 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ()),
     "text": (("text",), ()),
     "classification": (("text", "label"), ()),
+    "token_classification": (("tokens", "tags"), ()),
 }
+
+# Other libraries' name for the tags column (conll2003, wikiann, ... on the hub): read as `tags`
+# for task token-cls when the data has no `tags` column and column_mapping does not say otherwise.
+TAG_ALIASES = ("ner_tags",)
 
 # Formats each task can train on, in detection priority (first match wins, so a dataset
 # with both `messages` and `text` columns is read as chat).
@@ -22,6 +27,7 @@ TASK_FORMATS: dict[str, tuple[str, ...]] = {
     "causal-lm": ("messages", "alpaca", "prompt_completion", "text"),
     "seq-cls": ("classification",),
     "seq2seq": ("alpaca", "prompt_completion"),
+    "token-cls": ("token_classification",),
 }
 
 # The prompt text of Stanford Alpaca (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
@@ -35,6 +41,17 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+
+
+def with_tag_alias(mapping: dict[str, str], columns: Iterable[str], task: str) -> dict[str, str]:
+    """`mapping` plus {"ner_tags": "tags"} for token-cls data that has `ner_tags` but no `tags`."""
+    columns = list(columns)
+    if task != "token-cls" or "tags" in mapping.values() or any(mapping.get(c, c) == "tags" for c in columns):
+        return mapping
+    for alias in TAG_ALIASES:
+        if alias in columns and alias not in mapping:
+            return {**mapping, alias: "tags"}
+    return mapping
 
 
 def format_columns(fmt: str) -> tuple[str, ...]:
@@ -74,6 +91,8 @@ def detect_format(columns: Iterable[str], task: str, requested: str, where: str)
 
 def row_problem(row: dict[str, Any], fmt: str) -> str | None:
     """What is wrong with one row of format `fmt` (a message naming the field), or None."""
+    if fmt == "token_classification":
+        return _token_row_problem(row)
     required, optional = FORMAT_COLUMNS[fmt]
     for name in required + optional:
         value = row.get(name)
@@ -136,6 +155,39 @@ def _label_problem(value: Any) -> str | None:
     if isinstance(value, str):
         return None if value else "field 'label' is an empty string"
     return f"field 'label' is {_describe(value)}, expected a class name (string) or class index (integer)"
+
+
+def tag_kind(value: Any) -> type:
+    """str for a tag name, int for a class index (a checked tag)."""
+    return str if isinstance(value, str) else int
+
+
+def _token_row_problem(row: dict[str, Any]) -> str | None:
+    """`tokens`: a non-empty list of words (non-empty strings); `tags`: one tag per word, all
+    names (strings) or all class indices (integers >= 0)."""
+    tokens, tags = row.get("tokens"), row.get("tags")
+    for name, value in (("tokens", tokens), ("tags", tags)):
+        if _is_missing(value):
+            return f"missing field {name!r}"
+        if not isinstance(value, list):
+            what = "words (strings)" if name == "tokens" else "tags, one per word"
+            return f"field {name!r} is {_describe(value)}, expected a list of {what}"
+    if not tokens:
+        return "field 'tokens' is an empty list"
+    for i, word in enumerate(tokens):
+        if not isinstance(word, str):
+            return f"tokens[{i}] is {_describe(word)}, expected a word (string)"
+        if not word:
+            return f"tokens[{i}] is an empty string"
+    if len(tags) != len(tokens):
+        return f"field 'tags' has {len(tags)} entries but 'tokens' has {len(tokens)} words; give one tag per word"
+    for i, tag in enumerate(tags):
+        if isinstance(tag, bool) or not isinstance(tag, (str, int)) or tag == "" or (isinstance(tag, int) and tag < 0):
+            return f"tags[{i}] is {_describe(tag)}, expected a tag name (non-empty string) or class index (integer >= 0)"
+    kinds = {tag_kind(tag) for tag in tags}
+    if len(kinds) > 1:
+        return "field 'tags' mixes tag names (strings) and class indices (integers); use one kind"
+    return None
 
 
 def _messages_problem(messages: Any) -> str | None:

@@ -15,7 +15,13 @@ from typing import Any, Iterator
 import datasets
 
 from .errors import DataError
-from .formats import detect_format, format_columns, row_problem
+from .formats import (
+    detect_format,
+    format_columns,
+    row_problem,
+    tag_kind,
+    with_tag_alias,
+)
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLIT_NAMES = ("validation", "test")
@@ -23,6 +29,7 @@ EVAL_SPLIT_NAMES = ("validation", "test")
 # optional column does not decide it.
 _DETECT_ROWS = 1000
 _KIND = {str: "a class name (string)", int: "a class index (integer)"}
+_TAG_KIND = {str: "tag names (strings)", int: "class indices (integers)"}
 
 
 @dataclass
@@ -138,7 +145,7 @@ def load_source(
             "check the file is JSON Lines or one JSON array of objects"
         )
     raw_columns = list(dataset.column_names)
-    dataset = _rename(dataset, column_mapping, source.path)
+    dataset = _rename(dataset, with_tag_alias(column_mapping, raw_columns, task), source.path)
     fmt = detect_format(dataset.column_names, task, requested_format, source.path)
     keep = [c for c in format_columns(fmt) if c in dataset.column_names]
     dataset = dataset.select_columns(keep)
@@ -192,7 +199,9 @@ def _check_json_rows(path: str, mapping: dict[str, str], task: str, requested_fo
     for count, (_, row) in enumerate(_iter_json_rows(path)):
         if count >= _DETECT_ROWS:
             break
-        keys += [mapping.get(k, k) for k in row if mapping.get(k, k) not in keys]
+        keys += [k for k in row if k not in keys]
+    mapping = with_tag_alias(mapping, keys, task)
+    keys = [mapping.get(k, k) for k in keys]
     fmt = detect_format(keys, task, requested_format, path)
     lines: list[int] = []
     label_kind: tuple[type, int] | None = None
@@ -209,6 +218,15 @@ def _check_json_rows(path: str, mapping: dict[str, str], task: str, requested_fo
                 raise DataError(
                     f"{path}, line {line}: label {row['label']!r} is {_KIND[kind]} but line {label_kind[1]} "
                     f"has {_KIND[label_kind[0]]}; use class names or class indices throughout"
+                )
+        if fmt == "token_classification" and row["tags"]:
+            kind = tag_kind(row["tags"][0])
+            if label_kind is None:
+                label_kind = (kind, line)
+            elif kind is not label_kind[0]:
+                raise DataError(
+                    f"{path}, line {line}: tags are {_TAG_KIND[kind]} but line {label_kind[1]} has "
+                    f"{_TAG_KIND[label_kind[0]]}; use tag names or class indices throughout"
                 )
         lines.append(line)
     if not lines:

@@ -17,6 +17,7 @@ from .config import TASKS, DataConfig
 from .errors import DataError, RowError
 from .loading import LoadedSource, Source, load_source, resolve_sources
 from .packing import pack_dataset
+from .token_cls import token_label_names
 from .tokenization import RowTokenizer
 
 logger = logging.getLogger("peftkit.data")
@@ -27,7 +28,8 @@ _HELPER_COLUMNS = ("_split", "_dropped", "_truncated", "_tokens", "_trained")
 
 @dataclass
 class DataStats:
-    """Counts for one split. Tokens are input tokens; trained tokens carry a label (0 for seq-cls)."""
+    """Counts for one split. Tokens are input tokens; trained tokens carry a label (0 for seq-cls;
+    for token-cls the labelled sub-words, normally one per word)."""
 
     rows_read: int = 0
     rows_dropped: int = 0
@@ -46,7 +48,8 @@ class DataStats:
 class PreparedData:
     """Tokenized datasets ready for a trainer.
 
-    train / eval: `datasets.Dataset` with input_ids and labels (a class index for seq-cls),
+    train / eval: `datasets.Dataset` with input_ids and labels (a class index for seq-cls, one
+    per token with -100 for causal-lm and token-cls),
     plus position_ids when packed; `collator` turns a list of their rows into a batch.
     """
 
@@ -100,7 +103,7 @@ def prepare_datasets(
 ) -> PreparedData:
     """Load, check, tokenize (cached), split and pack the configured data.
 
-    task: "causal-lm", "seq-cls" or "seq2seq". packed_attention: see `collate.DataCollator`.
+    task: "causal-lm", "seq-cls", "seq2seq" or "token-cls". packed_attention: see `collate.DataCollator`.
     Raises `DataError` naming the file and line (or row) of any malformed row.
     """
     _check_settings(config, task)
@@ -128,7 +131,7 @@ def prepare_datasets(
         label_names=meta["label_names"],
         packed=meta["packed"],
         max_length=config.max_length,
-        add_eos=config.add_eos and task != "seq-cls",
+        add_eos=config.add_eos and task in ("causal-lm", "seq2seq"),
         cache_hit=hit,
         cache_path=folder,
         collator=collator,
@@ -148,6 +151,8 @@ def _check_settings(config: DataConfig, task: str) -> None:
             problems.append(
                 f"data.train_on: {config.train_on!r} only applies to task 'causal-lm'; remove it for {task!r}"
             )
+    if config.label_all_subwords is True and task != "token-cls":
+        problems.append(f"data.label_all_subwords: only applies to task 'token-cls'; remove it for {task!r}")
     if config.system_prompt and config.format not in ("auto", "messages", "alpaca"):
         problems.append(f"data.system_prompt: only the messages and alpaca formats use it, not {config.format!r}")
     if problems:
@@ -171,11 +176,16 @@ def _build(
     if config.system_prompt and fmt not in ("messages", "alpaca"):
         raise DataError(f"data.system_prompt: only the messages and alpaca formats use it; the data is {fmt!r}")
     _check_mapping_used(config.column_mapping, train_loaded + eval_loaded)
-    label_names, label_index = _labels(train_loaded) if fmt == "classification" else (None, None)
+    label_names, label_index = None, None
+    if fmt == "classification":
+        label_names, label_index = _labels(train_loaded)
+    elif fmt == "token_classification":
+        label_names, label_index = token_label_names(train_loaded)
     row_tokenizer = RowTokenizer(
         tokenizer, task, fmt,
         max_length=config.max_length, overflow=config.overflow, train_on=config.train_on,
         add_eos=config.add_eos, system_prompt=config.system_prompt, label_index=label_index,
+        label_all_subwords=config.label_all_subwords,
     )  # fmt: skip
 
     os.makedirs(folder, exist_ok=True)

@@ -61,6 +61,28 @@ def render_example(
     return "".join(out)
 
 
+def render_tagged(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int], names: Sequence[str]) -> str:
+    """Words with their tags: "[CLS] johannesburg/B-LOC hosts/O [SEP]".
+
+    A word is a labelled sub-word plus the unlabelled sub-words after it; special tokens stand
+    alone. With label_all_subwords every sub-word is shown with its own tag.
+    """
+    special = set(tokenizer.all_special_ids)
+    groups: list[tuple[list[int], int | None]] = []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX or token in special or not groups or groups[-1][0][-1] in special:
+            groups.append(([token], None if label == IGNORE_INDEX else label))
+        else:
+            groups[-1][0].append(token)
+    parts = []
+    for ids, label in groups:
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        if label is not None:
+            text += f"/{names[label] if 0 <= label < len(names) else label}"
+        parts.append(text)
+    return " ".join(parts)
+
+
 def preview(
     data: Any,
     tokenizer: Any,
@@ -87,6 +109,18 @@ def preview(
         for row in features[:n]:
             label = names[row["labels"]] if row["labels"] < len(names) else row["labels"]
             report.examples.append(f"{tokenizer.decode(row['input_ids'], skip_special_tokens=False)}\n=> label {label}")
+        return report
+    if data.task == "token-cls":
+        names = data.label_names or []
+        for k, row in enumerate(features[:n]):
+            report.examples.append(render_tagged(tokenizer, row["input_ids"], row["labels"], names))
+            if all(label == IGNORE_INDEX for label in row["labels"]):
+                report.problems.append(f"{split} example {k + 1} has no tagged token, so it teaches nothing")
+        if stats is not None and stats.rows_without_trained_tokens:
+            report.problems.append(
+                f"{stats.rows_without_trained_tokens} of {stats.examples} {split} rows have no tagged token "
+                f"(e.g. max_length={data.max_length} leaves room for the special tokens only)"
+            )
         return report
     if data.task == "seq2seq":
         for k, row in enumerate(features[:n]):

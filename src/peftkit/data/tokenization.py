@@ -14,7 +14,7 @@ IGNORE_INDEX = -100  # label of a position that is not trained (torch cross-entr
 
 @dataclass
 class TokenizedRow:
-    """input_ids [n]; labels [n] (causal-lm), [m] target ids (seq2seq) or a class index (seq-cls)."""
+    """input_ids [n]; labels [n] (causal-lm, token-cls), [m] target ids (seq2seq) or a class index (seq-cls)."""
 
     input_ids: list[int]
     labels: list[int] | int
@@ -47,6 +47,7 @@ class RowTokenizer:
         add_eos: bool,
         system_prompt: str | None,
         label_index: dict[str | int, int] | None = None,
+        label_all_subwords: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.task, self.fmt = task, fmt
@@ -54,8 +55,13 @@ class RowTokenizer:
         self.train_on, self.add_eos = train_on, add_eos
         self.system_prompt = system_prompt
         self.label_index = label_index
+        self.label_all_subwords = label_all_subwords
         self.eos_id = tokenizer.eos_token_id
-        if add_eos and task != "seq-cls" and self.eos_id is None:
+        if task == "token-cls":
+            from .token_cls import check_fast_tokenizer  # it imports this module
+
+            check_fast_tokenizer(tokenizer)
+        if add_eos and task in ("causal-lm", "seq2seq") and self.eos_id is None:
             raise DataError(
                 "data.add_eos is true but the tokenizer has no eos_token; set tokenizer.eos_token or add_eos: false"
             )
@@ -70,6 +76,13 @@ class RowTokenizer:
 
     def tokenize_batch(self, rows: list[dict[str, Any]]) -> list[TokenizedRow | RowError]:
         """Tokenize rows with one tokenizer call per kind of text; a bad row yields its `RowError`."""
+        if self.task == "token-cls":
+            from .token_cls import tokenize_word_rows
+
+            assert self.label_index is not None
+            return tokenize_word_rows(self.tokenizer, rows, self.label_index, max_length=self.max_length,
+                                      overflow=self.overflow, label_all_subwords=self.label_all_subwords,
+                                      too_long=self._too_long)
         pending: list[_Pending | RowError] = []
         for row in rows:
             try:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data import DataConfig, alpaca_prompt, prepare_datasets
+from ..data import IGNORE_INDEX, DataConfig, alpaca_prompt, prepare_datasets
 from ..train import TrainConfig
 from .loading import LoadedAdapter, LoadError, load_adapter
 from .run import PACKED_ATTENTION, TaskHooks, evaluate_prepared, format_metrics
@@ -106,7 +106,8 @@ class EvalReport:
 
 def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = None, batch_size: int = 8,
                      max_length: int | None = None, dtype: str = "auto") -> EvalReport:
-    """Loss and perplexity (causal-lm, seq2seq) or accuracy (seq-cls) of an adapter on a data file.
+    """Loss and perplexity (causal-lm, seq2seq) or accuracy (seq-cls: per row, token-cls: per
+    tagged token) of an adapter on a data file.
 
     The rows are read with the data settings of the run that trained the adapter (its
     run_config.yaml) when there is one, so prompts are formatted and masked the same way.
@@ -123,7 +124,7 @@ def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = Non
     data = prepare_datasets(DataConfig.from_dict(settings), loaded.tokenizer, loaded.task,
                             packed_attention=PACKED_ATTENTION)
     rows: Any = data.train
-    if loaded.task == "seq-cls":
+    if loaded.task in ("seq-cls", "token-cls"):
         rows = _relabel(rows, data.label_names or [], loaded.labels or [], data_path)
     train_task = "causal-lm" if loaded.task == "seq2seq" else loaded.task
     hooks = TaskHooks(
@@ -136,7 +137,8 @@ def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = Non
 
 
 def _relabel(rows: Any, file_labels: list[str], model_labels: list[str], where: str) -> list[dict[str, Any]]:
-    """Rows with class indices of the model's head (the file's own label order may differ)."""
+    """Rows with class indices of the model's head (the file's own label order may differ);
+    labels are one class per row (seq-cls) or per token with -100 kept (token-cls)."""
     index = {name: i for i, name in enumerate(model_labels)}
     if all(name.isdigit() for name in file_labels) and not any(name in index for name in file_labels):
         index = {str(i): i for i in range(len(model_labels))}  # the file gives class indices
@@ -144,4 +146,10 @@ def _relabel(rows: Any, file_labels: list[str], model_labels: list[str], where: 
     if unknown:
         raise LoadError(f"{where}: labels {unknown} are not classes of the adapter; its classes: {model_labels}")
     mapping = [index[name] for name in file_labels]
-    return [dict(row, labels=mapping[row["labels"]]) for row in rows]
+
+    def convert(labels: Any) -> Any:
+        if isinstance(labels, int):
+            return mapping[labels]
+        return [label if label == IGNORE_INDEX else mapping[label] for label in labels]
+
+    return [dict(row, labels=convert(row["labels"])) for row in rows]

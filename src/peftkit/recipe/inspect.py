@@ -82,7 +82,7 @@ class InspectReport:
         lines += [f"    {path}" for path in shown]
         if len(shown) < len(self.matched_paths):
             lines.append(f"    ... and {len(self.matched_paths) - len(shown)} more")
-        if self.task == "seq-cls":
+        if self.task in ("seq-cls", "token-cls"):
             lines.append("  (the classifier head is sized for the model config's num_labels; "
                          "a run sizes it from the data)")
         return "\n".join(lines)

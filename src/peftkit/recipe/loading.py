@@ -18,6 +18,8 @@ from .schema import TASK_TYPES, ModelConfig, RunConfig
 LABELS_FILE = "labels.json"
 RUN_CONFIG_FILE = "run_config.yaml"
 _TASK_OF_TYPE = {v: k for k, v in TASK_TYPES.items()}
+# Tasks whose model gets a new classifier head sized from the data's labels (saved as labels.json).
+CLASSIFIER_TASKS = ("seq-cls", "token-cls")
 
 
 class LoadError(ValueError):
@@ -31,6 +33,7 @@ def auto_class(task: str) -> Any:
         "causal-lm": transformers.AutoModelForCausalLM,
         "seq-cls": transformers.AutoModelForSequenceClassification,
         "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "token-cls": transformers.AutoModelForTokenClassification,
     }
     if task not in classes:
         raise LoadError(f"task {task!r} has no model class; accepted: {', '.join(classes)}")
@@ -63,12 +66,12 @@ def load_tokenizer(model: ModelConfig) -> Any:
 
 
 def load_model(model: ModelConfig, labels: list[str] | None = None) -> torch.nn.Module:
-    """The pretrained model for `model.task`; seq-cls gets a (new) head for `labels`."""
+    """The pretrained model for `model.task`; seq-cls and token-cls get a (new) head for `labels`."""
     kwargs = dict(trust_remote_code=model.trust_remote_code, **_dtype_kwarg(torch_dtype(model.dtype)))
     kwargs.update(_label_kwargs(model.task, labels))
     try:
-        # A seq-cls head is new by design; transformers' "newly initialized" report would only alarm.
-        with _quiet_transformers(model.task == "seq-cls"):
+        # A classifier head is new by design; transformers' "newly initialized" report would only alarm.
+        with _quiet_transformers(model.task in CLASSIFIER_TASKS):
             return auto_class(model.task).from_pretrained(model.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoadError(f"cannot load a {model.task} model from {model.path!r} (model.path): {exc}") from None
@@ -89,7 +92,7 @@ def meta_model(model: ModelConfig, labels: list[str] | None = None) -> torch.nn.
 
 
 def _label_kwargs(task: str, labels: list[str] | None) -> dict[str, Any]:
-    if task != "seq-cls" or not labels:
+    if task not in CLASSIFIER_TASKS or not labels:
         return {}
     return {
         "num_labels": len(labels),
@@ -138,6 +141,8 @@ def model_task(peft_config: PeftConfig, base_path: str | None) -> str:
             return "causal-lm"
         if arch.endswith("ForSequenceClassification"):
             return "seq-cls"
+        if arch.endswith("ForTokenClassification"):
+            return "token-cls"
         if arch.endswith("ForConditionalGeneration"):
             return "seq2seq"
     raise LoadError(
@@ -204,8 +209,9 @@ def write_labels(folder: str, labels: list[str]) -> None:
 
 
 def read_labels(adapter_dir: str, task: str) -> list[str] | None:
-    """Class names saved beside a seq-cls adapter, else as many generic names as its head has rows."""
-    if task != "seq-cls":
+    """Class names saved beside a seq-cls / token-cls adapter, else as many generic names as its
+    head has rows."""
+    if task not in CLASSIFIER_TASKS:
         return None
     path = os.path.join(adapter_dir, LABELS_FILE)
     if os.path.isfile(path):

@@ -22,6 +22,7 @@ from ..data import PreparedData, prepare_datasets
 from ..model import get_peft_model
 from ..train import TrainConfig, TrainResult, train
 from ..train.data import DataPlan
+from ..train.runtime import process_state
 from .loading import RUN_CONFIG_FILE, adapter_config, load_model, load_tokenizer, meta_model, write_labels
 from .schema import RunConfig
 from .seq2seq import seq2seq_collate, seq2seq_loss
@@ -74,14 +75,13 @@ class RunResult:
 
 def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = print) -> RunResult:
     """Train the adapter described by `config`; return the metrics before and after."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     tokenizer = load_tokenizer(config.model)
     # Under torchrun / accelerate launch, rank 0 tokenizes and fills the cache first; the
     # others then read it instead of writing the same cache files at the same time.
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=PACKED_ATTENTION)
     log(data.summary())
     _check_trained_tokens(data)
@@ -117,10 +117,16 @@ def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = prin
 
 
 def _check_trained_tokens(data: PreparedData) -> None:
-    """A causal-LM run whose rows have no trained token would take steps that change nothing."""
+    """A run whose rows have no trained (causal-LM, seq2seq) or tagged (token-cls) token would take
+    steps that change nothing."""
     from ..data import DataError
 
     if data.task != "seq-cls" and data.stats.trained_tokens == 0:
+        if data.task == "token-cls":
+            raise DataError(
+                f"none of the {data.stats.examples} training rows has a tagged token, so training would change "
+                f"nothing; data.max_length={data.max_length} leaves room for the special tokens only: raise it"
+            )
         raise DataError(
             f"none of the {data.stats.examples} training rows has a trained token, so training would change "
             f"nothing; usually prompts longer than data.max_length={data.max_length} are cut before their "

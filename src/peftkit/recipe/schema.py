@@ -21,7 +21,8 @@ from .yamlio import apply_overrides, dump_yaml, load_yaml_file
 SECTIONS = ("model", "adapter", "data", "train")
 MODEL_TASKS = ("causal-lm", "seq-cls", "seq2seq", "token-cls")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-TASK_TYPES = {"causal-lm": TaskType.CAUSAL_LM, "seq-cls": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM}
+TASK_TYPES = {"causal-lm": TaskType.CAUSAL_LM, "seq-cls": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM,
+              "token-cls": TaskType.TOKEN_CLS}
 # Adapter fields peftkit fills in itself (from model.task and model.path).
 MANAGED_ADAPTER_FIELDS = ("task_type", "base_model_name_or_path", "inference_mode")
 # Keys under which a path read from a config file is resolved against the file's folder.
@@ -72,11 +73,6 @@ class ModelConfig:
             out.append(f"model.path: {self.path!r} is not a folder path or hub id (a string)")
         if self.task not in MODEL_TASKS:
             out.append(f"model.task: {self.task!r} is not accepted; accepted: {', '.join(MODEL_TASKS)}")
-        elif self.task == "token-cls":
-            out.append(
-                "model.task: 'token-cls' is not supported yet: the data pipeline has no token-classification "
-                "row format; use causal-lm, seq-cls or seq2seq"
-            )
         if self.dtype not in DTYPES:
             out.append(f"model.dtype: {self.dtype!r} is not accepted; accepted: {', '.join(DTYPES)}")
         if not isinstance(self.trust_remote_code, bool):
@@ -123,8 +119,10 @@ class RunConfig:
         train = _build_train(sections["train"], problems)
         if isinstance(model.task, str) and train.task not in ("auto", _train_task(model.task)):
             problems.append(f"train.task: {train.task!r} contradicts model.task {model.task!r}; remove train.task")
-        if model.task in ("seq-cls", "seq2seq") and data.packing is True:
+        if model.task in ("seq-cls", "seq2seq", "token-cls") and data.packing is True:
             problems.append(f"data.packing: packing is only for causal-lm, not model.task {model.task!r}")
+        if data.label_all_subwords is True and model.task != "token-cls":
+            problems.append(f"data.label_all_subwords: only for model.task token-cls, not {model.task!r}")
         if problems:
             raise RunConfigError(problems, source)
         return cls(model=model, method=method, adapter=adapter, data=data, train=train, source=source)
@@ -202,7 +200,7 @@ def _alias_method_section(raw: dict[str, Any]) -> None:
 
 
 def _train_task(model_task: str) -> str:
-    return model_task if model_task in ("causal-lm", "seq-cls") else "auto"
+    return model_task if model_task in ("causal-lm", "seq-cls", "token-cls") else "auto"
 
 
 # --- building sections ----------------------------------------------------------------

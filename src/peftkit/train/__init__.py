@@ -5,7 +5,7 @@ from .config import TrainConfig, TrainConfigError
 from .data import DataPlan, make_collate
 from .loop import train
 from .step import evaluate
-from .loss import causal_lm_loss, count_targets, seq_cls_loss
+from .loss import causal_lm_loss, count_targets, seq_cls_loss, token_cls_loss
 from .optim import build_optimizer
 from .schedule import lr_factor
 from .state import NonFiniteLossError, StepInfo, TrainResult
@@ -25,6 +25,7 @@ __all__ = [
     "DataPlan",
     "causal_lm_loss",
     "seq_cls_loss",
+    "token_cls_loss",
     "count_targets",
     "build_optimizer",
     "lr_factor",

@@ -7,7 +7,9 @@
   rng_state_rank{r}.safetensors                   python, numpy, torch CPU (+CUDA) RNG of process r
   trainer_state.json                              step, data position, scheduler, scaler, fingerprints
 
-Only safetensors and JSON are written or read: nothing is unpickled. A checkpoint is built in
+Tensors are whole: under FSDP2 each process holds a shard, which saving gathers (every
+process takes part) and loading cuts back out, so a checkpoint does not depend on how many
+processes wrote it. Only safetensors and JSON are written or read: nothing is unpickled. A checkpoint is built in
 `checkpoint-{step}.tmp-{pid}` and renamed into place, and `trainer_state.json` is written
 last, so a folder named `checkpoint-{step}` with that file is always complete.
 """
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint.sharded import gather_full, shard_like
 from .config import config_changes
 
 STATE_FILE = "trainer_state.json"
@@ -142,11 +145,14 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         _save_rng(tmp / RNG_FILE.format(rank=accelerator.process_index))
+        # Gathering sharded tensors is collective: every process collects, the main one writes.
+        model.save_pretrained(str(tmp), is_main_process=main)
+        trainable = _trainable_tensors(model)
+        optimizer_state = _optimizer_state(optimizer, model)
         accelerator.wait_for_everyone()
         if main:
-            model.save_pretrained(str(tmp))
-            save_file(_trainable_tensors(model), str(tmp / TRAINABLE_FILE), metadata={"format": "pt"})
-            _save_optimizer(optimizer, model, tmp)
+            save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": "pt"})
+            _save_optimizer(optimizer_state, tmp)
             full_state = dict(state, format_version=FORMAT_VERSION, world_size=accelerator.num_processes)
             _write_json(tmp / STATE_FILE, full_state)  # last: its presence marks completeness
             _fsync_tree(tmp)
@@ -171,27 +177,27 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Pat
 
 
 def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: gather_full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, folder: Path) -> None:
+def _optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+    """Whole optimizer tensors by "state.{index}.{key}", plus the JSON-able rest."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, per_param in sd["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{index}.{key}"] = gather_full(value.detach()).cpu().contiguous()
             else:
                 scalars[f"state.{index}.{key}"] = value
-    save_file(tensors, str(folder / OPTIMIZER_TENSORS_FILE), metadata={"format": "pt"})
-    _write_json(
-        folder / OPTIMIZER_JSON_FILE,
-        {
-            "param_groups": sd["param_groups"],
-            "param_names": _optimizer_param_names(optimizer, model),
-            "scalars": scalars,
-        },
-    )
+    return {"tensors": tensors, "param_groups": sd["param_groups"],
+            "param_names": _optimizer_param_names(optimizer, model), "scalars": scalars}
+
+
+def _save_optimizer(state: dict[str, Any], folder: Path) -> None:
+    save_file(state["tensors"], str(folder / OPTIMIZER_TENSORS_FILE), metadata={"format": "pt"})
+    _write_json(folder / OPTIMIZER_JSON_FILE,
+                {key: state[key] for key in ("param_groups", "param_names", "scalars")})
 
 
 def _optimizer_param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[str]:
@@ -301,7 +307,7 @@ def _load_trainable(path: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"{path} does not match the model's trainable parameters:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(saved[name].to(dtype=param.dtype))
+            param.copy_(shard_like(saved[name], param))
 
 
 def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
@@ -312,9 +318,12 @@ def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch
             f"the optimizer in {folder} was built over different parameters: saved {meta['param_names']}, "
             f"now {current}"
         )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(load_file(str(folder / OPTIMIZER_TENSORS_FILE)).items()) + list(meta["scalars"].items()):
         _, index, name = key.split(".", 2)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = shard_like(value, params[int(index)])  # moments are shaped (and sharded) as their param
         state.setdefault(int(index), {})[name] = value
     groups = meta["param_groups"]
     for group in groups:

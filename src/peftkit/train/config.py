@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-TASKS = ("auto", "causal-lm", "seq-cls")
+TASKS = ("auto", "causal-lm", "seq-cls", "token-cls")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -40,7 +40,7 @@ class TrainConfig:
     """
 
     output_dir: str = "out"
-    task: str = "auto"  # "causal-lm" | "seq-cls" | "auto" (from the model class)
+    task: str = "auto"  # "causal-lm" | "seq-cls" | "token-cls" | "auto" (from the model class)
     epochs: int = 1
     max_steps: int | None = None  # when set, wins over `epochs`
     micro_batch_size: int = 4  # rows per forward pass, per process

@@ -73,8 +73,8 @@ def make_collate(pad_token_id: int, task: str) -> CollateFn:
     """Right-pad `input_ids` to the longest row; labels pad with -100; attention_mask built.
 
     Rows: `input_ids` (list of int), optional `attention_mask`, `position_ids`,
-    `token_type_ids` (same length), `labels` (token labels, -100 = ignored, for "causal-lm";
-    one int class for "seq-cls"). A causal-LM row without labels learns every token.
+    `token_type_ids` (same length), `labels` (token labels, -100 = ignored, for "causal-lm" and
+    "token-cls"; one int class for "seq-cls"). A causal-LM row without labels learns every token.
     """
 
     def collate(rows: list[Mapping[str, Any]]) -> Batch:
@@ -115,6 +115,11 @@ def _labels(rows: list[Mapping[str, Any]], seqs: list[list[int]], width: int, ta
                 )
             labels.append(int(value))
         return torch.tensor(labels, dtype=torch.long)
+    if task == "token-cls":
+        missing = [i for i, row in enumerate(rows) if row.get("labels") is None]
+        if missing:
+            raise ValueError(f"rows {missing} have no labels; token classification needs one class id "
+                             "(or -100) per token")
     values = [
         seq if row.get("labels") is None else _int_list(row, "labels", i)  # no labels: learn every token
         for i, (row, seq) in enumerate(zip(rows, seqs))

@@ -1,7 +1,7 @@
 """`train`: the training loop, top to bottom — set up, resume, step, log, eval, checkpoint, finish.
 
 Accelerate supplies the device, mixed precision and (under `accelerate launch` / `torchrun`)
-DDP; the loop itself is plain PyTorch. One optimizer step reads one window of
+DDP or FSDP2; the loop itself is plain PyTorch. One optimizer step reads one window of
 `micro_batch_size * grad_accum * num_processes` rows (see data.DataPlan) and normalises the
 loss by the window's target count (see step.optimizer_step).
 """
@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from accelerate.utils import broadcast, set_seed
 
+from ..kernels.compile import compile_decoder_layers
 from .checkpoint import (
     describe_changes,
     list_checkpoints,
@@ -32,8 +33,13 @@ from .data import Batch, CollateFn, DataPlan, data_fingerprint, make_collate
 from .logging import RunLogger, peak_memory_mb, require_tensorboard
 from .loss import LossFn, count_targets, default_loss_fn
 from .optim import OptimizerFactory, build_optimizer
-from ..kernels.compile import compile_decoder_layers
-from .runtime import any_process, enable_gradient_checkpointing, make_accelerator, pad_token_id, resolve_task
+from .runtime import (
+    any_process,
+    enable_gradient_checkpointing,
+    make_accelerator,
+    pad_token_id,
+    resolve_task,
+)
 from .schedule import build_scheduler
 from .signals import StopRequest
 from .state import StepInfo, TrainResult, TrainState
@@ -204,8 +210,7 @@ def train(
                     run_eval()
                 if config.save_every and last_saved_step != state.global_step:
                     last_checkpoint = checkpoint()
-            if accelerator.is_main_process:
-                model.save_pretrained(str(out))
+            model.save_pretrained(str(out), is_main_process=accelerator.is_main_process)  # collective under FSDP
             accelerator.wait_for_everyone()
 
         session_time = time.perf_counter() - session_start

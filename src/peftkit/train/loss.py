@@ -65,10 +65,43 @@ def _seq_cls_logits_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Te
     return loss_sum, logits
 
 
+def token_cls_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over classes summed over labelled tokens (labels != -100, no shift).
+
+    logits [B, T, C] at position t classify token t itself; logits are upcast to fp32.
+    """
+    loss_sum, _, labelled = _token_cls_logits_loss(model, batch)
+    return loss_sum, labelled.sum()
+
+
+def token_cls_eval(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_sum, n_labelled_tokens, n_correct) from a single forward pass; accuracy is per token."""
+    loss_sum, logits, labelled = _token_cls_logits_loss(model, batch)
+    correct = ((logits.argmax(dim=-1) == batch["labels"]) & labelled).sum()
+    return loss_sum, labelled.sum(), correct
+
+
+def _token_cls_logits_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    if logits.ndim != 3 or logits.shape[:2] != labels.shape or logits.shape[-1] < 2:
+        raise ValueError(
+            f"token classification needs logits [batch, tokens, num_labels >= 2] matching labels "
+            f"{tuple(labels.shape)}, got {tuple(logits.shape)}"
+        )
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, logits, labels != IGNORE_INDEX
+
+
 def count_targets(batch: Batch, task: str) -> int:
     """Targets `default_loss_fn(task)` will sum over for this batch, from the labels alone."""
     if task == "causal-lm":
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if task == "token-cls":
+        return int((batch["labels"] != IGNORE_INDEX).sum())
     return int(batch["labels"].shape[0])
 
 
@@ -86,4 +119,6 @@ def default_loss_fn(task: str) -> LossFn:
         return fast_causal_lm_loss
     if task == "seq-cls":
         return seq_cls_loss
-    raise ValueError(f"task={task!r}: expected 'causal-lm' or 'seq-cls'")
+    if task == "token-cls":
+        return token_cls_loss
+    raise ValueError(f"task={task!r}: expected 'causal-lm', 'seq-cls' or 'token-cls'")

@@ -9,9 +9,12 @@ import torch
 
 from .config import TrainConfig
 
-# Backends whose engine shards or owns the optimizer/parameters; the loop's checkpoint and
-# accumulation logic assume replicated state (single process or DDP).
-_UNSUPPORTED_BACKENDS = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+# Engines that take over the optimizer or split layers; the loop's checkpoints and loss
+# scaling assume it owns a torch optimizer over whole (DDP) or DTensor-sharded (FSDP2) params.
+_UNSUPPORTED_BACKENDS = {
+    "DEEPSPEED": "DeepSpeed owns the optimizer and its checkpoint format",
+    "MEGATRON_LM": "Megatron-LM splits layers over processes",
+}
 
 
 def mixed_precision_for(precision: str) -> str:
@@ -47,13 +50,33 @@ def make_accelerator(config: TrainConfig) -> Any:
     backend = accelerator.distributed_type.name if hasattr(accelerator.distributed_type, "name") else str(
         accelerator.distributed_type
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"this process was launched as one of WORLD_SIZE={launched} processes, but Accelerate's state "
+            f"has {accelerator.num_processes}: something created accelerate.PartialState() before training "
+            "without cpu=True on a machine with no GPU; use peftkit.train.runtime.process_state() instead"
+        )
     if backend in _UNSUPPORTED_BACKENDS:
         raise NotImplementedError(
-            f"peftkit.train runs single-process or DDP (multi-CPU/GPU); got distributed type {backend}. "
-            "Its checkpoints and gradient accumulation assume replicated parameters and optimizer state. "
-            "Launch without the FSDP/DeepSpeed config, or train with transformers.Trainer instead"
+            f"peftkit.train runs on one device, DDP or FSDP2; got distributed type {backend} "
+            f"({_UNSUPPORTED_BACKENDS[backend]}). Launch with FSDP2 (accelerate config: fsdp_version: 2) "
+            "or DDP, or train with peftkit.integrations.Trainer"
+        )
+    if backend == "FSDP" and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise NotImplementedError(
+            "peftkit.train supports FSDP version 2 only (per-parameter sharding keeps adapter and frozen "
+            "weights apart); set fsdp_version: 2 in the accelerate config (or --fsdp_version 2)"
         )
     return accelerator
+
+
+def process_state() -> Any:
+    """Accelerate's PartialState (rank, world size) for this process, made as `make_accelerator`
+    makes it: a CPU-only torchrun job must say cpu=True, or every process would run alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not _has_accelerator_device())
 
 
 def _has_accelerator_device() -> bool:
@@ -69,7 +92,8 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def resolve_task(task: str, model: torch.nn.Module) -> str:
-    """`task`, or for "auto" the task of the model's class (…ForCausalLM / …ForSequenceClassification)."""
+    """`task`, or for "auto" the task of the model's class (…ForCausalLM /
+    …ForSequenceClassification / …ForTokenClassification), else of its PEFT task_type."""
     if task != "auto":
         return task
     name = type(base_model(model)).__name__
@@ -77,16 +101,19 @@ def resolve_task(task: str, model: torch.nn.Module) -> str:
         return "causal-lm"
     if name.endswith("ForSequenceClassification"):
         return "seq-cls"
+    if name.endswith("ForTokenClassification"):
+        return "token-cls"
+    tasks = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls"}
     peft_configs = getattr(model, "peft_config", None)
     if isinstance(peft_configs, dict):
         for cfg in peft_configs.values():
             kind = str(getattr(cfg, "task_type", "") or "").upper().split(".")[-1]
-            if kind in ("CAUSAL_LM", "SEQ_CLS"):
-                return {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls"}[kind]
+            if kind in tasks:
+                return tasks[kind]
     raise ValueError(
-        f"task='auto' cannot tell the task of a {name} (expected a ...ForCausalLM or "
-        "...ForSequenceClassification model, or a PEFT task_type CAUSAL_LM / SEQ_CLS); "
-        "set task to 'causal-lm' or 'seq-cls'"
+        f"task='auto' cannot tell the task of a {name} (expected a ...ForCausalLM, ...ForSequenceClassification "
+        "or ...ForTokenClassification model, or a PEFT task_type CAUSAL_LM / SEQ_CLS / TOKEN_CLS); "
+        "set task to 'causal-lm', 'seq-cls' or 'token-cls'"
     )
 
 

@@ -16,9 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..checkpoint.sharded import gather_full
 from .data import Batch, CollateFn, DataPlan
 from .logging import perplexity
-from .loss import LossFn, default_loss_fn, seq_cls_eval
+from .loss import LossFn, default_loss_fn, seq_cls_eval, token_cls_eval
 from .state import NonFiniteLossError
 
 Rows = Sequence[Mapping[str, Any]]
@@ -93,7 +94,7 @@ def optimizer_step(
         raise NonFiniteLossError(step, loss, last_checkpoint)
 
     clip = max_grad_norm if max_grad_norm else math.inf  # inf: measure the norm, do not clip
-    grad_norm = float(accelerator.clip_grad_norm_(trainable, clip))
+    grad_norm = float(gather_full(accelerator.clip_grad_norm_(trainable, clip)))  # FSDP2: a replicated DTensor
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow step keeps the schedule in place
@@ -129,11 +130,13 @@ def evaluate(
     loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """Target-weighted eval loss over all rows (sharded over processes), with eval_perplexity
-    for causal LMs and eval_accuracy for classification with the built-in loss."""
+    for causal LMs and eval_accuracy for classification with the built-in loss (per row for
+    seq-cls, per labelled token for token-cls)."""
     plan = DataPlan(len(eval_data), micro_batch_size, 1, accelerator.num_processes, 0, shuffle=False)
     order = plan.epoch_order(0)
     loss_fn = loss_fn or default_loss_fn(task)
-    with_accuracy = task == "seq-cls" and loss_fn is default_loss_fn(task)
+    accuracy_fn = {"seq-cls": seq_cls_eval, "token-cls": token_cls_eval}.get(task)
+    with_accuracy = accuracy_fn is not None and loss_fn is default_loss_fn(task)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, targets, correct
     was_training = model.training
     model.eval()
@@ -142,7 +145,7 @@ def evaluate(
             for indices in plan.micro_batches(order, window, accelerator.process_index):
                 batch, filler = load_micro_batch(eval_data, indices, collate, accelerator.device)
                 if with_accuracy:
-                    loss_sum, n, correct = seq_cls_eval(model, batch)
+                    loss_sum, n, correct = accuracy_fn(model, batch)
                 else:
                     with accelerator.autocast():
                         (loss_sum, n), correct = loss_fn(model, batch), 0
