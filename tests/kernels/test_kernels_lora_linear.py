@@ -161,6 +161,31 @@ def test_mask_drops_fraction_p(p):
     assert abs(dropped - p) < 5 * sigma
 
 
+def _splitmix64(seed: int, i: int) -> int:
+    """SplitMix64 (Steele, Lea, Flood 2014) output i for a seed, in plain Python integers."""
+    m = (1 << 64) - 1
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("seed", [0, 99, 2**62 + 12345])
+def test_mask_is_splitmix64_lanes_against_the_threshold(seed):
+    # The documented generator, so a GPU kernel can reproduce masks bit for bit: value i's
+    # four little-endian 16-bit lanes (as signed) are elements 4i..4i+3, kept when >= round(p * 2^16) - 2^15.
+    p, n = 0.3, 64
+    keep = dropout_keep_mask(seed, (n,), p, "cpu")
+    threshold = round(p * 2**16) - 2**15
+    want = []
+    for i in range(n // 4):
+        value = _splitmix64(seed, i)
+        for lane in range(4):
+            bits = (value >> (16 * lane)) & 0xFFFF
+            want.append((bits - 2**16 if bits >= 2**15 else bits) >= threshold)
+    assert keep.tolist() == want
+
+
 def test_mask_is_a_function_of_the_seed():
     a = dropout_keep_mask(5, (64, 32), 0.5, "cpu")
     assert torch.equal(a, dropout_keep_mask(5, (64, 32), 0.5, "cpu"))
@@ -233,8 +258,10 @@ def test_saves_x_once_in_its_own_dtype(p):
     x, w, b, A, B, _ = make((64,), dtype=torch.bfloat16)
     fast = saved_activation_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, p, True), [w, A, B])
     ref = saved_activation_bytes(lambda: lora_linear_reference(x, w, b, A, B, 2.0, p, True), [w, A, B])
-    # x (bf16) plus the [N, r] intermediate; no mask, no dropped copy, no fp32 upcast
-    assert fast == x.numel() * 2 + 64 * R * 2
+    # x (bf16) plus the [N, r] intermediate, and with dropout the keep-mask at 2 bits per
+    # element (one byte per 4); no dropped copy, no fp32 upcast
+    mask_bytes = (x.numel() + 3) // 4 if p > 0 else 0
+    assert fast == x.numel() * 2 + 64 * R * 2 + mask_bytes
     if p > 0:
         assert ref >= fast + x.numel() * 2  # the reference keeps a dropped copy and a mask
 

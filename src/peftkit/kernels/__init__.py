@@ -1,7 +1,7 @@
 """Fast paths for the hot ops of LoRA training, each with a plain reference implementation.
 
-- `lora_linear`: base linear + LoRA branch as one autograd node (saves x once, regenerates
-  the dropout mask in backward).
+- `lora_linear`: base linear + LoRA branch as one autograd node (saves x once; the dropout
+  mask is a counter-based SplitMix64 draw kept for backward at 2 bits per element).
 - `linear_cross_entropy` / `causal_lm_loss`: lm_head + cross-entropy in row chunks, never
   materialising the full logits.
 - `dora_weight_norm`: DoRA's row norm of W + s·B A without forming that matrix.

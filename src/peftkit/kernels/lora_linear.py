@@ -2,14 +2,17 @@
 
 Against the plain composition of F.linear / F.dropout (what `peft` does), the fused node
 - saves x once, in the compute dtype (no fp32 upcast copy, no dropped copy of x);
-- regenerates the dropout keep-mask in backward from a seed instead of storing it;
+- keeps the dropout keep-mask packed at 2 bits per element for backward (peft keeps a
+  dropped copy of x: 8x the bytes in bf16, 16x in fp32);
 - folds s and the 1/(1-p) dropout rescale into the small [N, r] intermediate, and
   accumulates the LoRA term into the base output in place (no [N, out] temporaries).
 Under torch.compile the dropout-free path traces without graph breaks; dropout > 0 breaks the
-graph at this op (the seed is a Python int drawn with `.item()` and the mask needs a Generator).
+graph at this op (the mask's seed is a Python int drawn with `.item()`, and drawing and
+packing the mask run eagerly).
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -30,43 +33,116 @@ __all__ = ["lora_linear", "lora_linear_reference", "dropout_keep_mask"]
 
 
 # The dropout probability is resolved to multiples of 2^-16: each element's keep decision
-# compares a 16-bit slice of a full-range 64-bit random draw, which is ~2.5x cheaper on CPU than
-# one fp32 torch.rand per element (the mask is drawn twice, in forward and in backward).
+# compares a 16-bit lane of a 64-bit random value. The values are SplitMix64 outputs for the
+# counters 0, 1, ... keyed by the seed: a pure function of (seed, index) computed with
+# vectorised integer ops, so it runs on every core (torch's CPU generator, a sequential
+# Mersenne Twister, was the cost of dropout on CPU) and a GPU kernel can reproduce it.
+# Forward draws once and packs the mask for backward (see _pack_keep).
 _P_LEVELS = 2**16
+_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 as int64: SplitMix64's counter step
+_MIX = ((30, -0x40A7B892E31B1A47), (27, -0x6B2FB644ECCEEE15), (31, None))  # (shift, multiplier)
+# 1.0 as a 16-bit float bit pattern: a 0/1 int16 mask times this, viewed as the float dtype,
+# is the 0.0/1.0 mask. On CPU, comparing straight into a bf16/fp16 output is not vectorised
+# (~10x slower than comparing into int16 and this multiply).
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+# Packing: four 0/1 int16 lanes seen as one int64 (bits 0, 16, 32, 48) times _GATHER put the
+# four bits at 48..51 with every other product bit below 48 (no carries, nothing above 51);
+# a nibble times _SPREAD (< 2^49) masked by _LANES unfolds them.
+_GATHER = (1 << 48) | (1 << 33) | (1 << 18) | (1 << 3)
+_SPREAD = 1 | (1 << 15) | (1 << 30) | (1 << 45)
+_LANES = 1 | (1 << 16) | (1 << 32) | (1 << 48)
+_THREAD_BUFFERS = threading.local()
 
 
 def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.device | str) -> Tensor:
     """Bool mask, True where an element is kept (probability 1 - p, p rounded to 2^-16).
 
-    A pure function of (seed, shape, p, device type): the fast path draws it in forward and
-    again in backward, and tests call it to reproduce the mask a given seed produces.
-    """
-    return _keep_mask(seed, shape, p, device, torch.bool)
-
-
-def _keep_mask(seed: int, shape: Sequence[int], p: float, device, dtype: torch.dtype) -> Tensor:
-    """`dropout_keep_mask` as 0/1 in `dtype` (bool or a float dtype to multiply with).
-
-    On CPU a same-dtype multiply is ~8x faster than torch.where or a bool operand (mixed-dtype
-    elementwise kernels are not vectorised there), and comparing straight into a float output
-    costs less than the bool comparison alone.
+    A pure function of (seed, shape, p, device type): tests call it to reproduce the mask the
+    fast path draws for a given seed.
     """
     shape = tuple(shape)
-    dropped = round(float(p) * _P_LEVELS)
-    if dropped >= _P_LEVELS:
-        return torch.zeros(shape, dtype=dtype, device=device)
+    keep, _ = _keep_lanes(seed, _numel(shape), p, device)
+    return keep[: _numel(shape)].view(shape).bool()
+
+
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for size in shape:
         n *= size
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    bits = torch.empty(((n + 3) // 4,), dtype=torch.int64, device=device)
-    bits.random_(-(2**63), None, generator=generator)  # all 64 bits uniform
-    lanes = bits.view(torch.int16)[:n].view(shape)  # 4 uniform int16 per draw
-    threshold = dropped - _P_LEVELS // 2
-    if dtype == torch.bool:
-        return lanes >= threshold
-    return torch.ge(lanes, threshold, out=torch.empty(shape, dtype=dtype, device=device))
+    return n
+
+
+@torch.compiler.disable  # eager under torch.compile: inductor cannot hold 64-bit wrapping constants
+def _keep_lanes(seed: int, n: int, p: float, device) -> tuple[Tensor, Tensor | None]:
+    """0/1 int16 keep decisions, n rounded up to a multiple of 4 (the tail is never used), and
+    a free int64 buffer of a quarter of their length (for `_pack_keep`; None if p = 1).
+
+    Every buffer is written in place: on CPU a fresh large tensor costs its page faults, which
+    were a third of the mask's time."""
+    dropped = round(float(p) * _P_LEVELS)
+    lanes = 4 * ((n + 3) // 4)
+    if dropped >= _P_LEVELS:
+        return torch.zeros(lanes, dtype=torch.int16, device=device), None
+    bits, scratch = _random_bits(seed, lanes // 4, device)
+    keep = bits.view(torch.int16)  # 4 uniform int16 lanes per value
+    return torch.ge(keep, dropped - _P_LEVELS // 2, out=keep), scratch
+
+
+def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
+    """[count] int64, uniform over all 64 bits: SplitMix64 of the states seed + (i + 1) * golden
+    (integer multiplies wrap modulo 2^64, as SplitMix64 expects); and the scratch buffer used."""
+    state = (int(seed) + _GOLDEN) % (1 << 64)
+    z = torch.arange(count, dtype=torch.int64, device=device, out=_scratch(device, count, "bits"))
+    z.mul_(_GOLDEN).add_(state - (1 << 64) * (state >> 63))
+    spare = _scratch(device, count, "spare")
+    for shift, multiplier in _MIX:
+        # z ^= z >>> shift (a logical shift: the arithmetic one, its sign copies masked off)
+        torch.bitwise_right_shift(z, shift, out=spare).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(spare)
+        if multiplier is not None:
+            z.mul_(multiplier)
+    return z, spare
+
+
+@torch.compiler.disable
+def _scratch(device, count: int, slot: str) -> Tensor:
+    """A reused [count] int64 buffer of this thread (one per slot and device). On CPU fresh
+    multi-MB tensors cost their page faults, about a third of drawing the mask; a buffer is
+    only in use within one forward or one backward call of the op, which never nest."""
+    buffers = _THREAD_BUFFERS.__dict__.setdefault("buffers", {})
+    key = (torch.device(device), slot)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = buffers[key] = torch.empty(count, dtype=torch.int64, device=device)
+    return buffer[:count]
+
+
+def _pack_keep(keep: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """[4k] 0/1 int16 -> [k] uint8, one nibble per four elements (2 bits per element);
+    `scratch`, if given, is a free [k] int64 buffer to work in."""
+    lanes = keep.view(torch.int64)
+    gathered = lanes.mul(_GATHER) if scratch is None else torch.mul(lanes, _GATHER, out=scratch)
+    return gathered.bitwise_right_shift_(48).to(torch.uint8)
+
+
+@torch.compiler.disable
+def _unpack_keep(packed: Tensor) -> Tensor:
+    """`_pack_keep` undone: [k] uint8 -> [4k] 0/1 int16."""
+    lanes = _scratch(packed.device, packed.numel(), "unpack").copy_(packed)
+    return lanes.mul_(_SPREAD).bitwise_and_(_LANES).view(torch.int16)
+
+
+def _as_mask(keep: Tensor, n: int, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """0/1 int16 lanes as a 0.0/1.0 mask of `shape` in `dtype` (consumes `keep`).
+
+    On CPU a same-dtype multiply is ~8x faster than torch.where or a bool operand (mixed-dtype
+    elementwise kernels are not vectorised there), so the mask comes in the compute dtype.
+    """
+    if dtype in _ONE_BITS:
+        mask = keep.mul_(_ONE_BITS[dtype]).view(dtype)
+    else:
+        mask = keep.to(dtype)
+    return mask[:n].view(shape)
 
 
 def _keep_rescale(p: float) -> float:
@@ -131,16 +207,22 @@ class _LoraLinearFn(torch.autograd.Function):
         w = weight.to(cd)
         y = linear_nt(x2, w.t() if fan_in_fan_out else w, None if bias is None else bias.to(cd))
 
-        keep = _keep_mask(seed, x2.shape, dropout_p, x.device, cd) if dropout_p > 0 else None
+        packed = None
+        if dropout_p > 0:
+            keep, scratch = _keep_lanes(seed, x2.numel(), dropout_p, x.device)
+            packed = _pack_keep(keep, scratch)
+            del scratch
+            xk = _as_mask(keep, x2.numel(), x2.shape, cd).mul_(x2)  # the mask's buffer becomes x·mask
+            del keep
+        else:
+            xk = x2
         s = scaling * _keep_rescale(dropout_p)
-        xk = x2 if keep is None else x2 * keep
-        del keep
         xa = torch.mm(xk, lora_A.to(cd).t()).mul_(s)  # [N, r]
         del xk
         y.addmm_(xa, lora_B.to(cd).t())
 
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa if save_xa else None)
-        ctx.scale, ctx.dropout_p, ctx.seed = s, dropout_p, seed
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa if save_xa else None, packed)
+        ctx.scale = s
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -149,7 +231,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, xa, packed = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         cd, s = x2.dtype, ctx.scale
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(cd)
@@ -157,8 +239,8 @@ class _LoraLinearFn(torch.autograd.Function):
 
         need_xk = need_A or (need_B and xa is None)  # the dropped input x·mask
         keep = None
-        if ctx.dropout_p > 0 and (need_x or need_xk):
-            keep = _keep_mask(ctx.seed, x2.shape, ctx.dropout_p, x2.device, cd)
+        if packed is not None and (need_x or need_xk):
+            keep = _as_mask(_unpack_keep(packed), x2.numel(), x2.shape, cd)
         xk = (x2 if keep is None else x2 * keep) if need_xk else None
 
         grad_x = grad_w = grad_b = grad_A = grad_B = None
@@ -170,15 +252,15 @@ class _LoraLinearFn(torch.autograd.Function):
             g_b = torch.mm(g, B).mul_(s)  # [N, r]: dL/d(x Aᵀ), scale folded in
             if need_A:
                 grad_A = torch.mm(g_b.t(), xk).to(lora_A.dtype)
-            del xk
             if need_x:
                 w = weight.to(cd)
                 grad_x = linear_nt(g, w if ctx.fan_in_fan_out else w.t())
                 if keep is None:
                     grad_x.addmm_(g_b, A)
-                else:
-                    grad_x.addcmul_(torch.mm(g_b, A), keep)
+                else:  # the dropped branch's input grad, in xk's buffer (xk is used up)
+                    grad_x.addcmul_(torch.mm(g_b, A) if xk is None else torch.mm(g_b, A, out=xk), keep)
                 grad_x = grad_x.view(ctx.x_shape)
+        del xk
         if need_w:
             gw = torch.mm(g.t(), x2)  # [out, in]
             grad_w = (gw.t() if ctx.fan_in_fan_out else gw).to(weight.dtype)
