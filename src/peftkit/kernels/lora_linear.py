@@ -104,7 +104,6 @@ def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
     return z, spare
 
 
-@torch.compiler.disable
 def _scratch(device, count: int, slot: str) -> Tensor:
     """A reused [count] int64 buffer of this thread (one per slot and device). On CPU fresh
     multi-MB tensors cost their page faults, about a third of drawing the mask; a buffer is
@@ -117,6 +116,7 @@ def _scratch(device, count: int, slot: str) -> Tensor:
     return buffer[:count]
 
 
+@torch.compiler.disable  # bit-exact as in eager (64-bit products that overflow by design)
 def _pack_keep(keep: Tensor, scratch: Tensor | None = None) -> Tensor:
     """[4k] 0/1 int16 -> [k] uint8, one nibble per four elements (2 bits per element);
     `scratch`, if given, is a free [k] int64 buffer to work in."""
