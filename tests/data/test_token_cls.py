@@ -126,7 +126,7 @@ def test_tag_kinds_must_agree_across_lines(tmp_path, bert_tokenizer):
     with pytest.raises(DataError) as info:
         _prepare(tmp_path, bert_tokenizer, path=path)
     assert str(info.value) == (f"{path}, line 2: tags are class indices (integers) but line 1 has tag names "
-                               "(strings); use tag names or class indices throughout")
+                               "(strings); use names or class indices throughout")
 
 
 def test_a_word_that_becomes_no_token_is_an_error(tmp_path, bert_tokenizer):

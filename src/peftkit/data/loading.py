@@ -210,23 +210,19 @@ def _check_json_rows(path: str, mapping: dict[str, str], task: str, requested_fo
         problem = row_problem(row, fmt)
         if problem:
             raise DataError(f"{path}, line {line}: {problem}")
+        # Labels must be names throughout or indices throughout (a file mixing them is ambiguous).
+        kind = None
         if fmt == "classification":
-            kind = str if isinstance(row["label"], str) else int
+            kind, what, kinds = tag_kind(row["label"]), f"label {row['label']!r} is", _KIND
+        elif fmt == "token_classification" and row["tags"]:
+            kind, what, kinds = tag_kind(row["tags"][0]), "tags are", _TAG_KIND
+        if kind is not None:
             if label_kind is None:
                 label_kind = (kind, line)
             elif kind is not label_kind[0]:
                 raise DataError(
-                    f"{path}, line {line}: label {row['label']!r} is {_KIND[kind]} but line {label_kind[1]} "
-                    f"has {_KIND[label_kind[0]]}; use class names or class indices throughout"
-                )
-        if fmt == "token_classification" and row["tags"]:
-            kind = tag_kind(row["tags"][0])
-            if label_kind is None:
-                label_kind = (kind, line)
-            elif kind is not label_kind[0]:
-                raise DataError(
-                    f"{path}, line {line}: tags are {_TAG_KIND[kind]} but line {label_kind[1]} has "
-                    f"{_TAG_KIND[label_kind[0]]}; use tag names or class indices throughout"
+                    f"{path}, line {line}: {what} {kinds[kind]} but line {label_kind[1]} has "
+                    f"{kinds[label_kind[0]]}; use names or class indices throughout"
                 )
         lines.append(line)
     if not lines:
