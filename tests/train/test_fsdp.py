@@ -20,14 +20,15 @@ COMMON = dict(max_steps=4, grad_accum=2, seed=3, lr=1e-2, save_every=2, eval_eve
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    """Three runs in one torchrun launch: plain (no dropout), straight with dropout, and the
-    latter resumed from its step-2 checkpoint into another folder."""
+    """Four runs in one torchrun launch: plain (no dropout), straight with dropout, the latter
+    resumed from its step-2 checkpoint into another folder, and plain in bf16."""
     root = tmp_path_factory.mktemp("fsdp")
     runs = [
         {"dropout": 0.0, "config": dict(COMMON, output_dir=str(root / "plain"), micro_batch_size=2)},
         {"dropout": 0.1, "config": dict(COMMON, output_dir=str(root / "straight"), micro_batch_size=2)},
         {"dropout": 0.1, "config": dict(COMMON, output_dir=str(root / "resumed"), micro_batch_size=2,
                                         resume_from=str(root / "straight" / "checkpoint-2"))},
+        {"dropout": 0.0, "config": dict(COMMON, output_dir=str(root / "bf16"), micro_batch_size=2, precision="bf16")},
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -69,6 +70,21 @@ def test_fsdp2_matches_one_process_with_the_same_global_batch(fsdp_runs, tmp_pat
         assert max_diff(sharded, single) < 1e-5
     assert json.loads((sharded_dir / "checkpoint-2" / "optimizer.json").read_text())["param_names"] == \
         json.loads((single_dir / "checkpoint-2" / "optimizer.json").read_text())["param_names"]
+
+
+def test_fsdp2_bf16_follows_one_process_bf16(fsdp_runs, tmp_path):
+    # Accelerate's FSDP2 mixed precision (bf16 parameters and gradient reduction) against
+    # one process under bf16 autocast: the same losses and gradient norms, to bf16 precision.
+    single_dir = tmp_path / "single"
+    train(tiny_llama(), lm_rows(13, seed=11), lm_rows(5, seed=12),
+          TrainConfig(**COMMON, output_dir=str(single_dir), micro_batch_size=4, precision="bf16"))
+    steps = [r for r in read_metrics(fsdp_runs / "bf16" / "metrics.jsonl") if "loss" in r]
+    single_steps = [r for r in read_metrics(single_dir / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == len(single_steps) == 4
+    for a, b in zip(steps, single_steps):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"] and abs(a["grad_norm"] - b["grad_norm"]) < 2e-2 * b["grad_norm"]
+    assert json.loads((fsdp_runs / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
+    assert _adapter(fsdp_runs / "bf16").keys() == _adapter(single_dir).keys()
 
 
 def test_fsdp2_resume_continues_exactly(fsdp_runs):
