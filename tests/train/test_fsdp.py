@@ -82,7 +82,8 @@ def test_fsdp2_bf16_follows_one_process_bf16(fsdp_runs, tmp_path):
     single_steps = [r for r in read_metrics(single_dir / "metrics.jsonl") if "loss" in r]
     assert len(steps) == len(single_steps) == 4
     for a, b in zip(steps, single_steps):
-        assert abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"] and abs(a["grad_norm"] - b["grad_norm"]) < 2e-2 * b["grad_norm"]
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * b["loss"]
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 2e-2 * b["grad_norm"]
     assert json.loads((fsdp_runs / "bf16" / "summary.json").read_text())["mixed_precision"] == "bf16"
     assert _adapter(fsdp_runs / "bf16").keys() == _adapter(single_dir).keys()
 
