@@ -92,8 +92,7 @@ def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
     """[count] int64, uniform over all 64 bits: SplitMix64 of the states seed + (i + 1) * golden
     (integer multiplies wrap modulo 2^64, as SplitMix64 expects); and the scratch buffer used."""
     state = (int(seed) + _GOLDEN) % (1 << 64)
-    z = torch.arange(count, dtype=torch.int64, device=device, out=_scratch(device, count, "bits"))
-    z.mul_(_GOLDEN).add_(state - (1 << 64) * (state >> 63))
+    z = torch.add(_weyl_steps(device, count), state - (1 << 64) * (state >> 63), out=_scratch(device, count, "bits"))
     spare = _scratch(device, count, "spare")
     for shift, multiplier in _MIX:
         # z ^= z >>> shift (a logical shift: the arithmetic one, its sign copies masked off)
@@ -104,15 +103,26 @@ def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
     return z, spare
 
 
-def _scratch(device, count: int, slot: str) -> Tensor:
-    """A reused [count] int64 buffer of this thread (one per slot and device). On CPU fresh
+def _weyl_steps(device, count: int) -> Tensor:
+    """[count] int64: i * golden (mod 2^64) for i = 0, 1, ...; kept per thread and device, so a
+    mask's counters cost one pass (a state add) instead of three."""
+    buffers = _THREAD_BUFFERS.__dict__.setdefault("weyl", {})
+    key = torch.device(device)
+    steps = buffers.get(key)
+    if steps is None or steps.numel() < count:
+        steps = buffers[key] = torch.arange(count, dtype=torch.int64, device=device).mul_(_GOLDEN)
+    return steps[:count]
+
+
+def _scratch(device, count: int, slot: str, dtype: torch.dtype = torch.int64) -> Tensor:
+    """A reused [count] buffer of this thread (one per slot, dtype and device). On CPU fresh
     multi-MB tensors cost their page faults, about a third of drawing the mask; a buffer is
     only in use within one forward or one backward call of the op, which never nest."""
     buffers = _THREAD_BUFFERS.__dict__.setdefault("buffers", {})
-    key = (torch.device(device), slot)
+    key = (torch.device(device), slot, dtype)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < count:
-        buffer = buffers[key] = torch.empty(count, dtype=torch.int64, device=device)
+        buffer = buffers[key] = torch.empty(count, dtype=dtype, device=device)
     return buffer[:count]
 
 
@@ -141,7 +151,7 @@ def _as_mask(keep: Tensor, n: int, shape: Sequence[int], dtype: torch.dtype) -> 
     if dtype in _ONE_BITS:
         mask = keep.mul_(_ONE_BITS[dtype]).view(dtype)
     else:
-        mask = keep.to(dtype)
+        mask = _scratch(keep.device, keep.numel(), "mask", dtype).copy_(keep)
     return mask[:n].view(shape)
 
 
