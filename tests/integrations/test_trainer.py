@@ -242,3 +242,28 @@ def test_stock_trainer_trains_and_evaluates_a_peftkit_model(tmp_path):
     Trainer(model=resumed, args=args(tmp_path / "ours", max_steps=4, save_steps=2), train_dataset=rows(16, 0),
             data_collator=default_data_collator).train(resume_from_checkpoint=str(tmp_path / "stock" / "checkpoint-2"))
     assert_state_equal(resumed.adapter_state_dict(), model.adapter_state_dict(), atol=1e-6)
+
+
+def test_token_classification_trains_and_checkpoints_the_adapter_and_head(tmp_path):
+    # TOKEN_CLS puts the classifier head in modules_to_save: the adapter-only checkpoint must
+    # carry it, and the loss is the model's own per-token cross-entropy (labels -100 ignored).
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    base = BertForTokenClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=64, max_position_embeddings=32, num_labels=3))
+    model = peftkit.get_peft_model(base, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                            task_type="TOKEN_CLS"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 7, (32, 12), generator=g)  # six token ids: a quick mapping to learn
+    labels = (ids % 3).masked_fill(torch.rand(ids.shape, generator=g) < 0.2, -100)  # class = token id mod 3
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=30, save_steps=30, learning_rate=5e-2),
+                      train_dataset=data, data_collator=default_data_collator)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert losses[-1] < 0.5 * losses[0]
+    saved = set(os.listdir(tmp_path / "checkpoint-30"))
+    assert ADAPTER_FILES <= saved and not (saved & FULL_MODEL_FILES)
+    keys = read_safetensors(str(tmp_path / "checkpoint-30" / "adapter_model.safetensors"))
+    assert any("classifier" in k for k in keys) and any("lora_A" in k for k in keys)
