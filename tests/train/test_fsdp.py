@@ -102,23 +102,27 @@ def _adapter_of_untrained() -> dict:
     return {k: v for k, v in model.adapter_state_dict().items()}
 
 
-@pytest.mark.parametrize("kind, fsdp_version, expected", [
-    ("DEEPSPEED", None, "DeepSpeed owns the optimizer"),
+@pytest.mark.parametrize("kind, plugin_version, expected", [
+    ("DEEPSPEED", 3, "ZeRO stage 1 or 2, got zero_stage=3"),
     ("MEGATRON_LM", None, "Megatron-LM splits layers"),
     ("FSDP", 1, "fsdp_version: 2"),
 ])
-def test_engines_the_loop_cannot_drive_are_refused_by_name(monkeypatch, tmp_path, kind, fsdp_version, expected):
+def test_engines_the_loop_cannot_drive_are_refused_by_name(monkeypatch, tmp_path, kind, plugin_version, expected):
     import accelerate.accelerator
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     original = accelerate.accelerator.Accelerator.__init__
 
     def init_as(self, *args, **kwargs):  # what `accelerate launch` with that engine's config would set up
         original(self, *args, **kwargs)
         AcceleratorState().distributed_type = PartialState().distributed_type = DistributedType[kind]
-        if fsdp_version is not None:
-            AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version)
+        if kind == "FSDP":
+            AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=plugin_version)
+        if kind == "DEEPSPEED":
+            plugin = DeepSpeedPlugin(zero_stage=plugin_version)
+            AcceleratorState().deepspeed_plugins = {"default": plugin}
+            plugin.select(_from_accelerator_state=True)
 
     monkeypatch.setattr(accelerate.accelerator.Accelerator, "__init__", init_as)
     try:

@@ -4,11 +4,11 @@ from .checkpoint import CheckpointError, find_latest_checkpoint, list_checkpoint
 from .config import TrainConfig, TrainConfigError
 from .data import DataPlan, make_collate
 from .loop import train
-from .step import evaluate
 from .loss import causal_lm_loss, count_targets, seq_cls_loss, token_cls_loss
 from .optim import build_optimizer
 from .schedule import lr_factor
 from .state import NonFiniteLossError, StepInfo, TrainResult
+from .step import evaluate
 
 __all__ = [
     "train",

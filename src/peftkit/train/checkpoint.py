@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint.sharded import gather_full, shard_like
+from . import deepspeed_zero
 from .config import config_changes
 
 STATE_FILE = "trainer_state.json"
@@ -148,7 +149,7 @@ def save_checkpoint(
         # Gathering sharded tensors is collective: every process collects, the main one writes.
         model.save_pretrained(str(tmp), is_main_process=main)
         trainable = _trainable_tensors(model)
-        optimizer_state = _optimizer_state(optimizer, model)
+        optimizer_state = _optimizer_state(optimizer, model, deepspeed_zero.is_deepspeed(accelerator))
         accelerator.wait_for_everyone()
         if main:
             save_file(trainable, str(tmp / TRAINABLE_FILE), metadata={"format": "pt"})
@@ -180,8 +181,12 @@ def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: gather_full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+def _optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, deepspeed: bool) -> dict[str, Any]:
     """Whole optimizer tensors by "state.{index}.{key}", plus the JSON-able rest."""
+    if deepspeed:
+        tensors, names = deepspeed_zero.gather_moments(model, optimizer)
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        return {"tensors": tensors, "param_groups": groups, "param_names": names, "scalars": {}}
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, per_param in sd["state"].items():
@@ -274,8 +279,9 @@ def load_checkpoint(
     state = _read_state(folder)
     if state is None:
         raise CheckpointError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing or unreadable")
-    _load_trainable(folder / TRAINABLE_FILE, model)
-    _load_optimizer(folder, optimizer, model)
+    deepspeed = deepspeed_zero.is_deepspeed(accelerator)
+    _load_trainable(folder / TRAINABLE_FILE, model, deepspeed)
+    _load_optimizer(folder, optimizer, model, deepspeed)
     rng_file = folder / RNG_FILE.format(rank=accelerator.process_index)
     if not rng_file.exists():
         rng_file = folder / RNG_FILE.format(rank=0)
@@ -289,7 +295,7 @@ def load_checkpoint(
     return state
 
 
-def _load_trainable(path: Path, model: torch.nn.Module) -> None:
+def _load_trainable(path: Path, model: torch.nn.Module, deepspeed: bool = False) -> None:
     saved = load_file(str(path))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -308,16 +314,29 @@ def _load_trainable(path: Path, model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(shard_like(saved[name], param))
+    if deepspeed:
+        deepspeed_zero.set_master_weights(model, saved)
 
 
-def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                    deepspeed: bool = False) -> None:
     meta = json.loads((folder / OPTIMIZER_JSON_FILE).read_text())
-    current = _optimizer_param_names(optimizer, model)
+    current = ([n for n, _ in deepspeed_zero.param_order(model, optimizer)] if deepspeed
+               else _optimizer_param_names(optimizer, model))
     if meta["param_names"] != current:
         raise CheckpointError(
             f"the optimizer in {folder} was built over different parameters: saved {meta['param_names']}, "
             f"now {current}"
         )
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:  # JSON has no tuples; Adam-style optimizers expect one
+            group["betas"] = tuple(group["betas"])
+    if deepspeed:  # the engine's partitioned state takes whole tensors through its own API
+        deepspeed_zero.restore_moments(model, optimizer, load_file(str(folder / OPTIMIZER_TENSORS_FILE)))
+        for group, saved in zip(optimizer.param_groups, groups):  # lr, weight decay, betas, ...
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        return
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(load_file(str(folder / OPTIMIZER_TENSORS_FILE)).items()) + list(meta["scalars"].items()):
@@ -325,10 +344,6 @@ def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             value = shard_like(value, params[int(index)])  # moments are shaped (and sharded) as their param
         state.setdefault(int(index), {})[name] = value
-    groups = meta["param_groups"]
-    for group in groups:
-        if "betas" in group:  # JSON has no tuples; Adam-style optimizers expect one
-            group["betas"] = tuple(group["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -1,9 +1,9 @@
 """`train`: the training loop, top to bottom — set up, resume, step, log, eval, checkpoint, finish.
 
 Accelerate supplies the device, mixed precision and (under `accelerate launch` / `torchrun`)
-DDP or FSDP2; the loop itself is plain PyTorch. One optimizer step reads one window of
-`micro_batch_size * grad_accum * num_processes` rows (see data.DataPlan) and normalises the
-loss by the window's target count (see step.optimizer_step).
+DDP, FSDP2 or DeepSpeed ZeRO 1/2 (see deepspeed_zero); the loop itself is plain PyTorch. One
+optimizer step reads one window of `micro_batch_size * grad_accum * num_processes` rows (see
+data.DataPlan) and normalises the loss by the window's target count (see step.optimizer_step).
 """
 
 from __future__ import annotations

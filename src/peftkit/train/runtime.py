@@ -7,12 +7,12 @@ from typing import Any, Callable
 
 import torch
 
+from . import deepspeed_zero
 from .config import TrainConfig
 
-# Engines that take over the optimizer or split layers; the loop's checkpoints and loss
-# scaling assume it owns a torch optimizer over whole (DDP) or DTensor-sharded (FSDP2) params.
+# Engines the loop cannot drive: its checkpoints and loss scaling know whole (DDP), DTensor-
+# sharded (FSDP2) and ZeRO 1/2-partitioned optimizer state (see deepspeed_zero), not split layers.
 _UNSUPPORTED_BACKENDS = {
-    "DEEPSPEED": "DeepSpeed owns the optimizer and its checkpoint format",
     "MEGATRON_LM": "Megatron-LM splits layers over processes",
 }
 
@@ -59,10 +59,11 @@ def make_accelerator(config: TrainConfig) -> Any:
         )
     if backend in _UNSUPPORTED_BACKENDS:
         raise NotImplementedError(
-            f"peftkit.train runs on one device, DDP or FSDP2; got distributed type {backend} "
-            f"({_UNSUPPORTED_BACKENDS[backend]}). Launch with FSDP2 (accelerate config: fsdp_version: 2) "
-            "or DDP, or train with peftkit.integrations.Trainer"
+            f"peftkit.train runs on one device, DDP, FSDP2 or DeepSpeed ZeRO 1/2; got distributed type {backend} "
+            f"({_UNSUPPORTED_BACKENDS[backend]}). Launch with one of those instead"
         )
+    if backend == "DEEPSPEED":
+        deepspeed_zero.configure(accelerator, config)
     if backend == "FSDP" and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
         raise NotImplementedError(
             "peftkit.train supports FSDP version 2 only (per-parameter sharding keeps adapter and frozen "

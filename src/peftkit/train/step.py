@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint.sharded import gather_full
 from .data import Batch, CollateFn, DataPlan
+from .deepspeed_zero import is_deepspeed
 from .logging import perplexity
 from .loss import LossFn, default_loss_fn, seq_cls_eval, token_cls_eval
 from .state import NonFiniteLossError
@@ -66,12 +67,18 @@ def optimizer_step(
             stacklevel=3,
         )
     scale = accelerator.num_processes / max(window_targets, 1.0)
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:
+        scale *= len(micro)  # DeepSpeed divides each micro-batch's loss by its accumulation steps
 
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     returned_targets = 0
     for i, (batch, filler) in enumerate(micro):
+        last = i == len(micro) - 1
         # Gradients are all-reduced once per window, in the backward of its last micro-batch.
-        sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        if deepspeed:  # the engine reduces and steps inside the backward of a window's end
+            accelerator.gradient_state._set_sync_gradients(last)
         with sync:
             # Under mixed precision the whole loss (also a fused head + cross-entropy that calls
             # the backbone directly) runs in the autocast dtype, not only the model's forward.
@@ -81,6 +88,12 @@ def optimizer_step(
                 loss_sum = loss_sum * 0.0
             else:
                 returned_targets += n
+            if deepspeed and last:
+                # The engine's step follows this backward: a non-finite window must stop here.
+                window = float(accelerator.reduce((loss_total + loss_sum.detach().double()).reshape(1), "sum"))
+                if not math.isfinite(window):
+                    accelerator.gradient_state._set_sync_gradients(True)
+                    raise NonFiniteLossError(step, window / max(window_targets, 1.0), last_checkpoint)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach().to(torch.float64)
     if int(returned_targets) != sum(counts):
