@@ -10,13 +10,15 @@ DeepSpeed engine, which runs on DeepSpeed's CPU accelerator.
 import json
 import os
 import sys
+from pathlib import Path
 
 import accelerate.accelerator
-from _tiny_train import lm_rows, tiny_llama
+from _tiny_train import lm_rows, tiny_llama, trainable
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType
+from safetensors.torch import save_file
 
-from peftkit.train import TrainConfig, train
+from peftkit.train import NonFiniteLossError, TrainConfig, train
 
 _original_init = accelerate.accelerator.Accelerator.__init__
 
@@ -41,4 +43,18 @@ accelerate.accelerator.Accelerator.__init__ = _init_with_deepspeed
 for raw in sys.argv[1:]:
     run = json.loads(raw)
     model = tiny_llama(dropout=run["dropout"])
-    train(model, lm_rows(13, seed=11), lm_rows(5, seed=12), TrainConfig(**run["config"]))
+    poisoned, on_step_end = [], None
+    if run.get("nan_after_step"):  # NaN activations from the next step on, on every process
+        model.get_base_model().model.norm.register_forward_hook(
+            lambda module, args, output: output * float("nan") if poisoned else output)
+
+        def on_step_end(info, after=run["nan_after_step"]):
+            if info.step == after:
+                poisoned.append(True)
+    try:
+        train(model, lm_rows(13, seed=11), lm_rows(5, seed=12), TrainConfig(**run["config"]), on_step_end=on_step_end)
+    except NonFiniteLossError as err:
+        out = Path(run["config"]["output_dir"])
+        if os.environ["RANK"] == "0":
+            (out / "stopped.json").write_text(json.dumps({"step": err.step, "message": str(err)}))
+            save_file(trainable(model), str(out / "weights_after_stop.safetensors"))

@@ -21,14 +21,16 @@ COMMON = dict(max_steps=4, grad_accum=2, seed=3, lr=1e-2, save_every=2, eval_eve
 
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory):
-    """Three runs in one torchrun launch: plain (no dropout), straight with dropout, and the
-    latter resumed from its step-2 checkpoint into another folder."""
+    """Four runs in one torchrun launch: plain (no dropout), straight with dropout, the latter
+    resumed from its step-2 checkpoint into another folder, and one whose loss turns NaN."""
     root = tmp_path_factory.mktemp("deepspeed")
     runs = [
         {"dropout": 0.0, "config": dict(COMMON, output_dir=str(root / "plain"), micro_batch_size=2)},
         {"dropout": 0.1, "config": dict(COMMON, output_dir=str(root / "straight"), micro_batch_size=2)},
         {"dropout": 0.1, "config": dict(COMMON, output_dir=str(root / "resumed"), micro_batch_size=2,
                                         resume_from=str(root / "straight" / "checkpoint-2"))},
+        {"dropout": 0.0, "nan_after_step": 2,
+         "config": dict(COMMON, output_dir=str(root / "nan"), micro_batch_size=2, max_grad_norm=None)},
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -80,3 +82,15 @@ def test_zero2_resume_continues_exactly(deepspeed_runs):
     assert max_diff(_adapter(resumed), _adapter(straight)) < 1e-6
     assert max_diff(_adapter(resumed), _adapter(deepspeed_runs / "plain")) > 1e-4
     assert json.loads((resumed / "summary.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+def test_zero2_nan_loss_stops_before_the_engine_applies_the_step(deepspeed_runs):
+    # The engine steps inside the last micro-batch's backward, before the loop sees the loss;
+    # DeepSpeed skips a step whose gradient norm is not finite (with or without clipping), and
+    # the loop then stops: no NaN update reaches the weights.
+    folder = deepspeed_runs / "nan"
+    stopped = json.loads((folder / "stopped.json").read_text())
+    assert stopped["step"] == 3 and "loss is nan at optimizer step 3" in stopped["message"]
+    assert [step for step, _ in list_checkpoints(folder)] == [2]
+    after = load_file(str(folder / "weights_after_stop.safetensors"))
+    assert max_diff(after, load_file(str(folder / "checkpoint-2" / "trainable.safetensors"))) == 0

@@ -88,12 +88,6 @@ def optimizer_step(
                 loss_sum = loss_sum * 0.0
             else:
                 returned_targets += n
-            if deepspeed and last:
-                # The engine's step follows this backward: a non-finite window must stop here.
-                window = float(accelerator.reduce((loss_total + loss_sum.detach().double()).reshape(1), "sum"))
-                if not math.isfinite(window):
-                    accelerator.gradient_state._set_sync_gradients(True)
-                    raise NonFiniteLossError(step, window / max(window_targets, 1.0), last_checkpoint)
             accelerator.backward(loss_sum * scale)
         loss_total += loss_sum.detach().to(torch.float64)
     if int(returned_targets) != sum(counts):
