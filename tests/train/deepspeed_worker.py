@@ -1,5 +1,6 @@
 """Run by test_deepspeed.py under `torchrun --nproc_per_node 2`: peftkit.train under DeepSpeed
-ZeRO stage 2 on two CPU processes, once per JSON argument {"dropout": p, "config": {...}}.
+ZeRO stage 2 on two CPU processes, once per JSON run given on the command line (see
+_engine_runs.run_all).
 
 Accelerate turns DeepSpeed on only for GPU-like devices. The patch below gives `Accelerator()`
 the state `accelerate launch --use_deepspeed --zero_stage 2` gives it on GPUs (DeepSpeed's
@@ -7,18 +8,13 @@ communication initialised on the gloo group, a ZeRO-2 plugin); `prepare` then bu
 DeepSpeed engine, which runs on DeepSpeed's CPU accelerator.
 """
 
-import json
 import os
 import sys
-from pathlib import Path
 
 import accelerate.accelerator
-from _tiny_train import lm_rows, tiny_llama, trainable
+from _engine_runs import run_all
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType
-from safetensors.torch import save_file
-
-from peftkit.train import NonFiniteLossError, TrainConfig, train
 
 _original_init = accelerate.accelerator.Accelerator.__init__
 
@@ -40,21 +36,4 @@ def _init_with_deepspeed(self, *args, **kwargs):
 
 accelerate.accelerator.Accelerator.__init__ = _init_with_deepspeed
 
-for raw in sys.argv[1:]:
-    run = json.loads(raw)
-    model = tiny_llama(dropout=run["dropout"])
-    poisoned, on_step_end = [], None
-    if run.get("nan_after_step"):  # NaN activations from the next step on, on every process
-        model.get_base_model().model.norm.register_forward_hook(
-            lambda module, args, output: output * float("nan") if poisoned else output)
-
-        def on_step_end(info, after=run["nan_after_step"]):
-            if info.step == after:
-                poisoned.append(True)
-    try:
-        train(model, lm_rows(13, seed=11), lm_rows(5, seed=12), TrainConfig(**run["config"]), on_step_end=on_step_end)
-    except NonFiniteLossError as err:
-        out = Path(run["config"]["output_dir"])
-        if os.environ["RANK"] == "0":
-            (out / "stopped.json").write_text(json.dumps({"step": err.step, "message": str(err)}))
-            save_file(trainable(model), str(out / "weights_after_stop.safetensors"))
+run_all(sys.argv[1:])

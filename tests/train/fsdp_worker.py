@@ -1,6 +1,6 @@
 """Run by test_fsdp.py under `torchrun --nproc_per_node 2`: peftkit.train with the model
-sharded by FSDP2 over two CPU processes, once per JSON argument {"dropout": p, "config": {...}}
-(a TrainConfig) given on the command line.
+sharded by FSDP2 over two CPU processes, once per JSON run given on the command line (see
+_engine_runs.run_all).
 
 Accelerate turns FSDP on only for GPU-like devices; on CPU it would silently run DDP. The
 patch below makes `Accelerator()` take the FSDP2 path (Accelerate's own `fully_shard`
@@ -8,15 +8,12 @@ preparation, on a gloo CPU mesh) exactly as `accelerate launch --use_fsdp --fsdp
 does on GPUs, so the loop's FSDP2 code runs here for real.
 """
 
-import json
 import sys
 
 import accelerate.accelerator
-from _tiny_train import lm_rows, tiny_llama
+from _engine_runs import run_all
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-from peftkit.train import TrainConfig, train
 
 _original_init = accelerate.accelerator.Accelerator.__init__
 
@@ -36,9 +33,10 @@ def _init_with_fsdp2(self, *args, **kwargs):
 
 accelerate.accelerator.Accelerator.__init__ = _init_with_fsdp2
 
-for raw in sys.argv[1:]:
-    run = json.loads(raw)
-    model = tiny_llama(dropout=run["dropout"])
-    train(model, lm_rows(13, seed=11), lm_rows(5, seed=12), TrainConfig(**run["config"]))
+
+def _check_sharded(model):
     sharded = [n for n, p in model.named_parameters() if p.requires_grad and type(p.data).__name__ != "DTensor"]
     assert not sharded, f"FSDP2 did not shard {sharded[:3]}"
+
+
+run_all(sys.argv[1:], after_train=_check_sharded)
