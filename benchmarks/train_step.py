@@ -116,6 +116,10 @@ def run_one(spec: dict) -> dict:
             import peftkit
 
             model = peftkit.get_peft_model(model, peftkit.LoraConfig(**kwargs))
+            if spec.get("sdpa"):
+                from peftkit import fast_attention
+
+                fast_attention.uninstall(model)  # the model's own SDPA attention, as on the other sides
             if spec["compile"]:
                 from peftkit.kernels.compile import compile_decoder_layers
 
@@ -156,6 +160,7 @@ def run_one(spec: dict) -> dict:
         fused = fused_loss_blocker(model, batch) or "used"  # else: why the full logits were used
     return {
         "fused_loss": fused,
+        "attention": model.config._attn_implementation,
         "s_per_step": statistics.median(measured),
         "step_times": measured,
         "cpu_s_per_step": statistics.median(cpu_times[spec["warmup"]:]),
@@ -195,11 +200,13 @@ def configurations(args) -> list[dict]:
                 out.append(dict(shape, side=side, dtype=dtype, variant=variant, compile=False))
             if args.compile:
                 out.append(dict(shape, side="peftkit", dtype=dtype, variant=variant, compile=True))
+            if args.sdpa_rows:
+                out.append(dict(shape, side="peftkit", dtype=dtype, variant=variant, compile=False, sdpa=True))
     return out
 
 
 def _label(spec: dict) -> str:
-    return spec["side"] + ("+compile" if spec["compile"] else "")
+    return spec["side"] + ("+compile" if spec["compile"] else "") + ("/sdpa" if spec.get("sdpa") else "")
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -212,10 +219,11 @@ def run_child(spec: dict, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _find(results, side, dtype, variant, compile=False):
+def _find(results, side, dtype, variant, compile=False, sdpa=False):
     for r in results:
         s = r["spec"]
-        if s["side"] == side and s["dtype"] == dtype and s["variant"] == variant and s["compile"] == compile and "error" not in r:
+        if (s["side"] == side and s["dtype"] == dtype and s["variant"] == variant and s["compile"] == compile
+                and s.get("sdpa", False) == sdpa and "error" not in r):
             return r
     return None
 
@@ -231,7 +239,7 @@ def add_ratios(results: list[dict]) -> None:
             r["time_vs_peft"] = r["s_per_step"] / peft_r["s_per_step"]
             r["cpu_vs_peft"] = r["cpu_s_per_step"] / peft_r["cpu_s_per_step"]
             r["peak_vs_peft"] = r["peak_mb"] / peft_r["peak_mb"]
-        lora_r = _find(results, s["side"], s["dtype"], "lora", s["compile"])
+        lora_r = _find(results, s["side"], s["dtype"], "lora", s["compile"], s.get("sdpa", False))
         if lora_r is not None and s["variant"] in ("lora+dropout0.1", "dora"):
             r["time_vs_own_lora"] = r["s_per_step"] / lora_r["s_per_step"]
             r["cpu_vs_own_lora"] = r["cpu_s_per_step"] / lora_r["cpu_s_per_step"]
@@ -326,6 +334,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--compile", action="store_true", help="also run peftkit with torch.compile on each decoder layer")
+    p.add_argument("--sdpa-rows", action="store_true",
+                   help="also run peftkit with the model's own SDPA attention (no attention kernel)")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) and print JSON

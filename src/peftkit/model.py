@@ -14,6 +14,7 @@ import torch.nn as nn
 from .checkpoint import SAFETENSORS_NAME, LoadReport, collect_adapter_state, load_adapter_weights, read_safetensors
 from .checkpoint.io import write_safetensors
 from .checkpoint.sharded import gather_full
+from . import fast_attention
 from .config import PeftConfig, TaskType
 from .injection import add_modules_to_save, adapter_layers, eject_layers, inject_adapter
 from .methods import get_method
@@ -46,6 +47,7 @@ class PeftModel(nn.Module):
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         if checkpointing:
             self._make_inputs_require_grad()
+        fast_attention.install(model)
 
     def __getattr__(self, name: str):
         try:
@@ -181,11 +183,13 @@ class PeftModel(nn.Module):
         """Fold the active adapter into the base weights and return the plain base model."""
         self._refuse_merge()
         eject_layers(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        fast_attention.uninstall(self.base_model)
         return self.base_model
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer (no merge) and return the original base model."""
         eject_layers(self.base_model, merge=False)
+        fast_attention.uninstall(self.base_model)
         return self.base_model
 
     # --- parameters ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-OPS = ("lora_linear", "linear_cross_entropy", "dora_weight_norm")
+OPS = ("lora_linear", "linear_cross_entropy", "dora_weight_norm", "attention")
 
 _FALSE_WORDS = {"0", "false", "no", "off"}
 _TRUE_WORDS = {"1", "true", "yes", "on", ""}

@@ -1,0 +1,158 @@
+"""PeftModel routes transformers' SDPA attention to kernels.attention for training forwards."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import tiny_models
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit import fast_attention
+from peftkit.kernels import fast_paths, register_kernel
+from peftkit.kernels.attention import _attention_torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kernel_calls():
+    """Counts calls of the attention kernel (registered as the CPU kernel, running the fast path)."""
+    calls = []
+
+    def spy(q, k, v, bias, scale):
+        calls.append(tuple(q.shape))
+        return _attention_torch(q, k, v, bias, scale)
+
+    register_kernel("attention", "cpu", spy)
+    yield calls
+    register_kernel("attention", "cpu", None)
+
+
+def lora(base, seed=1):
+    torch.manual_seed(seed)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def batch(vocab=64, seq=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, seq - 4:] = 0  # right padding: a 4-D mask reaches the attention
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(model, data, fast=True):
+    model.train()
+    for p in model.parameters():
+        p.grad = None
+    with fast_paths(fast):
+        loss = model(**data).loss
+    loss.backward()
+    return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_install_and_restore_the_implementation(tmp_path):
+    base = tiny_models.llama()
+    assert base.config._attn_implementation == "sdpa"
+    model = lora(base)
+    assert base.config._attn_implementation == fast_attention.NAME
+    merged = model.merge_and_unload()
+    assert merged.config._attn_implementation == "sdpa"
+    merged.save_pretrained(tmp_path)
+    assert fast_attention.NAME not in (tmp_path / "config.json").read_text()
+
+    other = tiny_models.llama()
+    lora(other).unload()
+    assert other.config._attn_implementation == "sdpa"
+
+    eager = tiny_models.llama(attn_implementation="eager")
+    lora(eager)
+    assert eager.config._attn_implementation == "eager"  # only SDPA is rerouted
+
+
+def test_peft_model_from_pretrained_installs_too(tmp_path):
+    lora(tiny_models.llama()).save_pretrained(tmp_path)
+    base = tiny_models.llama()
+    PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
+    assert base.config._attn_implementation == fast_attention.NAME
+
+
+def test_kernel_runs_for_bf16_training_forwards_only(kernel_calls):
+    model = lora(tiny_models.llama().to(torch.bfloat16))
+    data = batch()
+    loss_and_grads(model, data)
+    assert kernel_calls == [(3, 4, 12, 8)] * 2  # both layers, GQA k/v repeated to 4 heads
+
+    kernel_calls.clear()
+    with torch.no_grad():
+        model(**data)  # inference: SDPA
+    loss_and_grads(model, data, fast=False)  # fast paths off: SDPA
+    assert kernel_calls == []
+
+    fp32 = lora(tiny_models.llama())
+    loss_and_grads(fp32, data)  # fp32: SDPA (the kernel is not faster there on CPU)
+    assert kernel_calls == []
+
+
+def test_kernel_steps_aside_for_long_keys_and_attention_dropout(kernel_calls, monkeypatch):
+    data = batch()
+    monkeypatch.setattr(fast_attention, "MAX_KV_LEN", 11)
+    loss_and_grads(lora(tiny_models.llama().to(torch.bfloat16)), data)
+    assert kernel_calls == []
+    monkeypatch.undo()
+    loss_and_grads(lora(tiny_models.llama(attention_dropout=0.1).to(torch.bfloat16)), data)
+    assert kernel_calls == []
+
+
+def bert_without_dropout():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+                     max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_models.llama, bert_without_dropout], ids=["llama-gqa-causal", "bert-padding"])
+def test_routed_model_equals_sdpa_in_fp32(model_fn, monkeypatch, kernel_calls):
+    """With the fp32 gate opened, the routed model computes the same loss and adapter gradients
+    as transformers' SDPA: masks, causality, GQA and scaling are carried over exactly."""
+    monkeypatch.setattr(fast_attention, "_DTYPES", (torch.float32,))
+    data = batch()
+    if model_fn is bert_without_dropout:
+        data["labels"] = torch.tensor([0, 2, 1])
+    model = lora(model_fn())
+    routed = loss_and_grads(model, data)
+    assert len(kernel_calls) == 2
+    sdpa = loss_and_grads(model, data, fast=False)
+    torch.testing.assert_close(routed[0], sdpa[0], rtol=1e-6, atol=1e-6)
+    for name, g in sdpa[1].items():
+        torch.testing.assert_close(routed[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_training_gradients_within_bf16_error_of_sdpa():
+    """bf16 model: loss and adapter gradients against the same weights in fp32; the routed
+    attention's error is of the size SDPA's own bf16 error is."""
+    base32 = tiny_models.llama(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    base16 = copy.deepcopy(base32).to(torch.bfloat16)
+    base32.load_state_dict({k: v.float() for k, v in base16.state_dict().items()})
+    m16, m32 = lora(base16), lora(base32)
+    data = batch(seq=48)
+    ref = loss_and_grads(m32, data, fast=False)
+    errors = {}
+    for fast in (True, False):
+        loss, grads = loss_and_grads(m16, data, fast=fast)
+        rel = max(float((grads[n] - g).norm() / g.norm()) for n, g in ref[1].items())
+        errors[fast] = (abs(float(loss - ref[0])), rel)
+    assert errors[True][0] < 5e-3 and errors[True][1] < 8e-2, errors
+    assert errors[True][1] < 2.5 * errors[False][1], errors
+    print(json.dumps({str(k): v for k, v in errors.items()}))
