@@ -214,9 +214,9 @@ class _LoraLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, save_xa):
         cd = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        w = weight.to(cd)
-        y = linear_nt(x2, w.t() if fan_in_fan_out else w, None if bias is None else bias.to(cd))
 
+        # The LoRA branch first: its mask passes then run while x is in cache, and the base
+        # product's output is still in cache for the next layer.
         packed = None
         if dropout_p > 0:
             keep, scratch = _keep_lanes(seed, x2.numel(), dropout_p, x.device)
@@ -229,6 +229,8 @@ class _LoraLinearFn(torch.autograd.Function):
         s = scaling * _keep_rescale(dropout_p)
         xa = torch.mm(xk, lora_A.to(cd).t()).mul_(s)  # [N, r]
         del xk
+        w = weight.to(cd)
+        y = linear_nt(x2, w.t() if fan_in_fan_out else w, None if bias is None else bias.to(cd))
         y.addmm_(xa, lora_B.to(cd).t())
 
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa if save_xa else None, packed)
@@ -251,7 +253,10 @@ class _LoraLinearFn(torch.autograd.Function):
         keep = None
         if packed is not None and (need_x or need_xk):
             keep = _as_mask(_unpack_keep(packed), x2.numel(), x2.shape, cd)
-        xk = (x2 if keep is None else x2 * keep) if need_xk else None
+        if need_xk:
+            xk = x2 if keep is None else torch.mul(x2, keep, out=_scratch(x2.device, x2.numel(), "xk", cd).view(x2.shape))
+        else:
+            xk = None
 
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_B:
