@@ -18,8 +18,10 @@ Sides:
            layer still runs backward), transformers' own `labels=` loss: the cost of the base
   peft     peft.get_peft_model + the model's own `labels=` loss (what a peft + Trainer user runs)
   peftkit  peftkit.get_peft_model + the loss peftkit's loop uses (fused lm_head + CE where it
-           applies, else full logits): what a peftkit user gets by default; --compile adds a
-           run with torch.compile on each decoder layer
+           applies, else full logits): what a peftkit user gets by default, including the
+           attention kernel PeftModel routes CPU bf16 training forwards to; --compile adds a
+           run with torch.compile on each decoder layer, --sdpa-rows a run with the model's
+           own SDPA attention ("peftkit/sdpa": what the attention kernel is worth)
 
 dtypes: fp32 (everything fp32) and bf16 (base weights bf16, adapter weights fp32 on both sides:
 peft's default autocast_adapter_dtype=True, peftkit's default).

@@ -73,11 +73,14 @@ def _adapted_linear(**lora) -> LoraLinear:
     return layer
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "dropout"])
 def test_fused_lora_linear_compiles_without_graph_breaks(variant):
-    layer = _adapted_linear(use_dora=variant == "dora")
+    """Dropout included: under aot_eager the traced seed draw uses torch's generator as eager
+    does, so the same seed gives the same mask and the compiled result equals the eager one."""
+    layer = _adapted_linear(use_dora=variant == "dora", lora_dropout=0.5 if variant == "dropout" else 0.0)
     x = torch.randn(2, 5, layer.in_features, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # raises on a graph break
+    torch.manual_seed(7)
     y = compiled(x)
     y.square().sum().backward()
     grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
@@ -85,18 +88,29 @@ def test_fused_lora_linear_compiles_without_graph_breaks(variant):
     for p in layer.parameters():
         p.grad = None
     x.grad = None
+    torch.manual_seed(7)
     eager = layer(x)
     eager.square().sum().backward()
+    if variant == "dropout":
+        layer.eval()
+        assert not torch.allclose(layer(x), eager)  # the mask did drop something
     torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_grad, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, [p.grad for p in layer.parameters() if p.requires_grad]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_breaks_the_graph():
-    layer = _adapted_linear(lora_dropout=0.1)
-    explanation = torch._dynamo.explain(layer)(torch.randn(2, 5, layer.in_features))
-    assert explanation.graph_break_count >= 1
+def test_dropout_mask_ops_run_the_eager_code():
+    """The custom ops behind the compiled dropout path give the eager mask for a seed."""
+    from peftkit.kernels.lora_linear import _dropout_apply_op, _dropout_unpack_op, dropout_keep_mask
+
+    x = torch.randn(6, 7, dtype=torch.bfloat16)
+    xk, packed = _dropout_apply_op(x, torch.tensor([123]), 0.3)
+    keep = dropout_keep_mask(123, (6, 7), 0.3, "cpu")
+    assert torch.equal(xk, x * keep)
+    assert torch.equal(_dropout_unpack_op(packed, x), keep.to(torch.bfloat16))
+    torch.library.opcheck(_dropout_apply_op, (x, torch.tensor([123]), 0.3))
+    torch.library.opcheck(_dropout_unpack_op, (packed, x))
 
 
 def _compiled_vs_eager(backend):

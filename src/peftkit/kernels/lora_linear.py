@@ -6,9 +6,10 @@ Against the plain composition of F.linear / F.dropout (what `peft` does), the fu
   dropped copy of x: 8x the bytes in bf16, 16x in fp32);
 - folds s and the 1/(1-p) dropout rescale into the small [N, r] intermediate, and
   accumulates the LoRA term into the base output in place (no [N, out] temporaries).
-Under torch.compile the dropout-free path traces without graph breaks; dropout > 0 breaks the
-graph at this op (the mask's seed is a Python int drawn with `.item()`, and drawing and
-packing the mask run eagerly).
+Under torch.compile the op traces without graph breaks: with dropout, the seed is a traced
+random tensor and drawing/packing/unpacking the mask are opaque custom ops (`peftkit::
+dropout_apply`, `peftkit::dropout_unpack`) that run the same eager code (inductor cannot hold
+SplitMix64's wrapping 64-bit constants).
 """
 from __future__ import annotations
 
@@ -155,6 +156,32 @@ def _as_mask(keep: Tensor, n: int, shape: Sequence[int], dtype: torch.dtype) -> 
     return mask[:n].view(shape)
 
 
+# Under torch.compile: the mask code as opaque ops. They return fresh tensors (an op's output
+# must not alias the per-thread scratch buffers), which costs one copy each; eager calls skip them.
+@torch.library.custom_op("peftkit::dropout_apply", mutates_args=())
+def _dropout_apply_op(x2: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(x2 · keep-mask, the mask packed) for the mask of `seed` (a one-element int64 tensor)."""
+    keep, scratch = _keep_lanes(int(seed), x2.numel(), p, x2.device)
+    packed = _pack_keep(keep, scratch)
+    return _as_mask(keep, x2.numel(), x2.shape, x2.dtype).mul(x2), packed
+
+
+@_dropout_apply_op.register_fake
+def _(x2: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x2), x2.new_empty(((x2.numel() + 3) // 4,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("peftkit::dropout_unpack", mutates_args=())
+def _dropout_unpack_op(packed: Tensor, like: Tensor) -> Tensor:
+    """The 0/1 mask of `packed` with the shape and dtype of `like`."""
+    return _as_mask(_unpack_keep(packed), like.numel(), like.shape, like.dtype).clone()
+
+
+@_dropout_unpack_op.register_fake
+def _(packed: Tensor, like: Tensor) -> Tensor:
+    return torch.empty_like(like)
+
+
 def _keep_rescale(p: float) -> float:
     """1 / (1 - p) for p as the mask resolves it; 0 when everything is dropped."""
     kept = _P_LEVELS - round(float(p) * _P_LEVELS)
@@ -218,7 +245,9 @@ class _LoraLinearFn(torch.autograd.Function):
         # The LoRA branch first: its mask passes then run while x is in cache, and the base
         # product's output is still in cache for the next layer.
         packed = None
-        if dropout_p > 0:
+        if dropout_p > 0 and torch.compiler.is_compiling():
+            xk, packed = _dropout_apply_op(x2, seed, dropout_p)
+        elif dropout_p > 0:
             keep, scratch = _keep_lanes(seed, x2.numel(), dropout_p, x.device)
             packed = _pack_keep(keep, scratch)
             del scratch
@@ -251,12 +280,15 @@ class _LoraLinearFn(torch.autograd.Function):
 
         need_xk = need_A or (need_B and xa is None)  # the dropped input x·mask
         keep = None
+        compiling = torch.compiler.is_compiling()
         if packed is not None and (need_x or need_xk):
-            keep = _as_mask(_unpack_keep(packed), x2.numel(), x2.shape, cd)
-        if need_xk:
-            xk = x2 if keep is None else torch.mul(x2, keep, out=_scratch(x2.device, x2.numel(), "xk", cd).view(x2.shape))
+            keep = _dropout_unpack_op(packed, x2) if compiling else _as_mask(_unpack_keep(packed), x2.numel(), x2.shape, cd)
+        if not need_xk or keep is None:
+            xk = x2 if need_xk else None
+        elif compiling:
+            xk = x2 * keep
         else:
-            xk = None
+            xk = torch.mul(x2, keep, out=_scratch(x2.device, x2.numel(), "xk", cd).view(x2.shape))
 
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_B:
@@ -288,7 +320,10 @@ class _LoraLinearFn(torch.autograd.Function):
 def _lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, dropout_seed):
     p = float(dropout_p) if training else 0.0
     seed = None
-    if p > 0:
+    if p > 0 and torch.compiler.is_compiling():
+        # A traced random draw (no `.item()`, no graph break); the mask ops take it as a tensor.
+        seed = torch.randint(0, 2**62, (1,)) if dropout_seed is None else torch.tensor([int(dropout_seed)])
+    elif p > 0:
         seed = _draw_seed() if dropout_seed is None else int(dropout_seed)
     # Autocast does not reach into an autograd.Function, so cast x here the way autocast would;
     # the cast is differentiable and the Function then saves the low-precision copy only.
