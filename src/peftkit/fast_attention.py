@@ -5,7 +5,7 @@ call time. `PeftModel` switches configs set to "sdpa" to "peftkit_sdpa", registe
 the same mask builder as "sdpa", and switches them back on unload/merge. Per call, the kernel
 runs only where it is exact and measured faster: a training forward (some input needs grad)
 on CPU in bf16/fp16, no attention dropout, no softcap/sinks/position bias, keys at most
-MAX_KV_LEN long, fast paths on, not under torch.compile. Every other call (inference,
+MAX_KV_LEN long, fast paths on (under torch.compile too: the kernel is a custom op). Every other call (inference,
 generation, GPU, fp32, long sequences, fast paths off) is transformers' own SDPA function
 with the same arguments.
 """
@@ -36,7 +36,7 @@ def _sdpa():
 
 
 def _kernel_applies(query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
-    if not fast_paths_enabled() or torch.compiler.is_compiling():
+    if not fast_paths_enabled():
         return False
     if query.device.type != "cpu" or query.dtype not in _DTYPES or key.dtype != query.dtype:
         return False

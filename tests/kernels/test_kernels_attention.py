@@ -131,3 +131,16 @@ def test_bad_arguments_are_named():
         attention(q, k, v, torch.zeros(2, 3, 9))
     with pytest.raises(ValueError, match="4-D floating-point"):
         attention(q[0], k, v)
+
+
+def test_ops_pass_opcheck():
+    """The custom ops' fake (meta) versions, schemas and autograd registration agree with the
+    real ones (what torch.compile relies on)."""
+    from peftkit.kernels.attention import _attention_backward, _attention_forward
+
+    q, k, v = qkv(dtype=torch.bfloat16)
+    bias = bias_of("padding", 2, 3, 9, 9, torch.bfloat16)
+    torch.library.opcheck(_attention_forward, (q, k, v, bias, 0.3))
+    torch.library.opcheck(_attention_forward, (q, k, v, None, 0.3))
+    out, probs = _attention_forward(q.detach(), k.detach(), v.detach(), bias, 0.3)
+    torch.library.opcheck(_attention_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), probs, 0.3))

@@ -1,4 +1,4 @@
-"""Attention for short sequences as one autograd node: softmax(q kᵀ · scale + bias) v.
+"""Attention for short sequences, forward and backward as two ops: softmax(q kᵀ · scale + bias) v.
 
 torch's CPU `scaled_dot_product_attention` (a flash kernel) runs at ~40 GFLOP/s on head_dim 64
 and recomputes the scores in backward; at training lengths of a few hundred tokens the
@@ -29,6 +29,8 @@ _BIAS_CACHE: dict[tuple, Tensor] = {}
 def causal_bias(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """[q_len, kv_len] additive mask: 0 where query i may see key j (j <= i + kv_len - q_len),
     the dtype's lowest finite value elsewhere (finite, so a fully masked row cannot give NaN)."""
+    if torch.compiler.is_compiling():  # traced: built in the graph (no module-level cache)
+        return torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device).triu(kv_len - q_len + 1)
     key = (q_len, kv_len, dtype, device)
     bias = _BIAS_CACHE.get(key)
     if bias is None:
@@ -72,50 +74,77 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = N
     return torch.matmul(probs, v)
 
 
-class _AttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-        batch, heads, q_len, _ = q.shape
-        kv_len, v_dim = k.shape[2], v.shape[3]
-        scores = q.new_empty(batch, heads, q_len, kv_len)
-        for b in range(batch):
-            if bias is None:
-                torch.bmm(q[b], k[b].transpose(1, 2), out=scores[b])
-                scores[b].mul_(scale)
-            else:
-                bias_b = bias[b if bias.shape[0] > 1 else 0].expand(heads, q_len, kv_len)
-                torch.baddbmm(bias_b, q[b], k[b].transpose(1, 2), alpha=scale, out=scores[b])
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        out = q.new_empty(batch, q_len, heads, v_dim)  # the layout the output projection reads
-        for b in range(batch):
-            torch.bmm(probs[b], v[b], out=out[b].transpose(0, 1))
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.scale = scale
-        return out.transpose(1, 2)
+# The kernel is a pair of custom ops with a registered backward: eager calls cost one dispatch
+# each, and under torch.compile both are opaque nodes (the per-batch loops write into slices
+# of preallocated outputs, which inductor would not keep).
+@torch.library.custom_op("peftkit::attention_forward", mutates_args=())
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """(output [B, H, Sq, Dv] as a view of [B, Sq, H, Dv] memory, probabilities [B, H, Sq, Skv])."""
+    batch, heads, q_len, _ = q.shape
+    kv_len, v_dim = k.shape[2], v.shape[3]
+    scores = q.new_empty(batch, heads, q_len, kv_len)
+    for b in range(batch):
+        if bias is None:
+            torch.bmm(q[b], k[b].transpose(1, 2), out=scores[b])
+            scores[b].mul_(scale)
+        else:
+            bias_b = bias[b if bias.shape[0] > 1 else 0].expand(heads, q_len, kv_len)
+            torch.baddbmm(bias_b, q[b], k[b].transpose(1, 2), alpha=scale, out=scores[b])
+    probs = torch.softmax(scores, dim=-1)
+    del scores
+    out = q.new_empty(batch, q_len, heads, v_dim)  # the layout the output projection reads
+    for b in range(batch):
+        torch.bmm(probs[b], v[b], out=out[b].transpose(0, 1))
+    return out.transpose(1, 2), probs
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, probs = ctx.saved_tensors
-        batch = q.shape[0]
-        # Gradients in their inputs' memory layout, so the views above them pass them on uncopied.
-        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        dprobs = torch.empty_like(probs)
-        for b in range(batch):
-            torch.bmm(probs[b].transpose(1, 2), grad_out[b], out=dv[b])
-            torch.bmm(grad_out[b], v[b].transpose(1, 2), out=dprobs[b])
-        dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
-        del dprobs
-        for b in range(batch):
-            torch.bmm(dscores[b], k[b], out=dq[b])
-            torch.bmm(dscores[b].transpose(1, 2), q[b], out=dk[b])
-        dq.mul_(ctx.scale)
-        dk.mul_(ctx.scale)
-        return dq, dk, dv, None, None
+
+@_attention_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    batch, heads, q_len, _ = q.shape
+    out = q.new_empty(batch, q_len, heads, v.shape[3]).transpose(1, 2)
+    return out, q.new_empty(batch, heads, q_len, k.shape[2])
+
+
+@torch.library.custom_op("peftkit::attention_backward", mutates_args=())
+def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # Gradients in their inputs' memory layout, so the views above them pass them on uncopied.
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    dprobs = torch.empty_like(probs)
+    for b in range(q.shape[0]):
+        torch.bmm(probs[b].transpose(1, 2), grad_out[b], out=dv[b])
+        torch.bmm(grad_out[b], v[b].transpose(1, 2), out=dprobs[b])
+    dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
+    del dprobs
+    for b in range(q.shape[0]):
+        torch.bmm(dscores[b], k[b], out=dq[b])
+        torch.bmm(dscores[b].transpose(1, 2), q[b], out=dk[b])
+    return dq.mul_(scale), dk.mul_(scale), dv
+
+
+@_attention_backward.register_fake
+def _(grad_out, q, k, v, probs, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, _, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_probs):
+    q, k, v, probs = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(grad_out, q, k, v, probs, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _attention_torch(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    return _AttentionFn.apply(q, k, v, bias, scale)
+    return _attention_forward(q, k, v, bias, scale)[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, scale: float | None = None) -> Tensor:
