@@ -221,6 +221,21 @@ def run_child(spec: dict, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _combine(spec_runs: list[dict]) -> dict:
+    """One configuration's fresh-process runs as one result: the median of each run's median
+    step time and CPU time, the largest peak; every run's numbers are kept under "runs"."""
+    good = [r for r in spec_runs if "error" not in r]
+    if not good:
+        return spec_runs[0]
+    out = dict(good[0])
+    out["s_per_step"] = statistics.median(r["s_per_step"] for r in good)
+    out["cpu_s_per_step"] = statistics.median(r["cpu_s_per_step"] for r in good)
+    out["peak_mb"] = max(r["peak_mb"] for r in good)
+    if len(spec_runs) > 1:
+        out["runs"] = spec_runs
+    return out
+
+
 def _find(results, side, dtype, variant, compile=False, sdpa=False):
     for r in results:
         s = r["spec"]
@@ -336,6 +351,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--compile", action="store_true", help="also run peftkit with torch.compile on each decoder layer")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="fresh-process runs per configuration, in round-robin order; the median is reported")
     p.add_argument("--sdpa-rows", action="store_true",
                    help="also run peftkit with the model's own SDPA attention (no attention kernel)")
     p.add_argument("--json", help="write all results to this file")
@@ -343,7 +360,7 @@ def parse_args(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) and print JSON
     args = p.parse_args(argv)
     problems = [f"--{k}={getattr(args, k)} must be >= 1" for k in
-                ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch", "r", "steps", "threads")
+                ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch", "r", "steps", "threads", "repeats")
                 if getattr(args, k) < 1]
     if args.warmup < 0:
         problems.append(f"--warmup={args.warmup} must be >= 0")
@@ -366,15 +383,17 @@ def main(argv=None) -> int:
     print(f"shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
           f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}; LoRA r={args.r} alpha={args.alpha:g} all-linear; "
           f"{args.warmup} warm-up + {args.steps} measured steps; {args.threads} threads\n")
-    results = []
-    for spec in configurations(args):
-        t0 = time.perf_counter()
-        r = run_child(spec, args.timeout)
-        r["spec"] = spec
-        results.append(r)
-        status = r.get("error") or f"{r['s_per_step']:.3f} s/step, peak {r['peak_mb']:.0f} MB"
-        print(f"  {spec['dtype']} {spec['variant']:16} {_label(spec):16} {status}  ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+    specs = configurations(args)
+    runs: list[list[dict]] = [[] for _ in specs]
+    for round_ in range(args.repeats):  # round-robin: a slow spell of the machine hits every configuration
+        for spec, spec_runs in zip(specs, runs):
+            t0 = time.perf_counter()
+            r = run_child(spec, args.timeout)
+            spec_runs.append(r)
+            status = r.get("error") or f"{r['s_per_step']:.3f} s/step, peak {r['peak_mb']:.0f} MB"
+            print(f"  {round_ + 1}/{args.repeats} {spec['dtype']} {spec['variant']:16} {_label(spec):16} {status}  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    results = [dict(_combine(spec_runs), spec=spec) for spec, spec_runs in zip(specs, runs)]
     add_ratios(results)
     checks = target_checks(results)
     print()
