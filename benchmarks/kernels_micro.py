@@ -6,6 +6,11 @@ LoRA linear: forward+backward of one adapted linear (tokens x in -> out, r=16), 
   fast       `lora_linear` (saves x once, regenerates the dropout mask, keeps x·Aᵀ)
   fast-rc    `lora_linear` recomputing x·Aᵀ in backward instead of keeping it
 Loss: lm_head + cross-entropy (`linear_cross_entropy` vs the full-logits reference).
+Attention: causal softmax attention in transformers' layout ([B, S, H, D] memory seen as
+  [B, H, S, D]), for
+  sdpa       torch's scaled_dot_product_attention(is_causal=True) (what transformers' "sdpa" runs)
+  reference  the eager composition (`attention_reference`: matmul, softmax in fp32, matmul)
+  fast       `attention` (per-batch GEMMs, probabilities kept for backward)
 
 Columns: median wall and process-CPU ms per forward+backward; "saved MiB": bytes of the
 distinct storages autograd keeps for backward (saved_tensors_hooks; parameters excluded),
@@ -34,6 +39,9 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from peftkit.kernels import (  # noqa: E402
+    attention,
+    attention_reference,
+    causal_bias,
     linear_cross_entropy,
     linear_cross_entropy_reference,
     lora_linear,
@@ -201,6 +209,30 @@ def bench_loss(tokens: int, hidden: int, vocab: int, iters: int) -> None:
             print(f"{dt:>5} {name:>10} {ms[name][0]:>8.1f} {ms[name][1]:>8.1f} {saved:>10.2f} {peak:>9.2f}")
 
 
+def bench_attention(batch: int, heads: int, head_dim: int, seqs: list[int], iters: int) -> None:
+    print(f"\ncausal attention, B={batch}, H={heads}, D={head_dim}, forward + backward")
+    print(f"{'dtype':>5} {'seq':>5} {'impl':>10} {'wall ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'peak MiB':>9}")
+    for dtype in (torch.bfloat16, torch.float32):
+        for seq in seqs:
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(batch, seq, heads, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
+                       for _ in range(3))
+            grad = torch.randn(batch, heads, seq, head_dim, dtype=dtype)
+            bias = causal_bias(seq, seq, dtype, q.device)[None, None]
+            impls = {
+                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                "reference": lambda: attention_reference(q, k, v, bias),
+                "fast": lambda: attention(q, k, v, bias),
+            }
+            steps = {name: ((lambda impl=impl: (impl(), grad)), [q, k, v]) for name, impl in impls.items()}
+            ms = timed(steps, iters)
+            for name, (step, params) in steps.items():
+                saved = saved_bytes(step, []) / MIB
+                peak = peak_bytes(step, params) / MIB
+                dt = "fp32" if dtype == torch.float32 else "bf16"
+                print(f"{dt:>5} {seq:>5} {name:>10} {ms[name][0]:>8.1f} {ms[name][1]:>8.1f} {saved:>10.2f} {peak:>9.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4 * 256)
@@ -209,15 +241,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--loss-iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--only", choices=("lora", "loss"), default=None)
+    parser.add_argument("--only", choices=("lora", "loss", "attention"), default=None)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[128, 256, 512, 1024], help="attention lengths")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.only != "loss":
+    if args.only in (None, "lora"):
         bench_lora(args.tokens, args.rank, args.iters)
-    if args.only != "lora":
+    if args.only in (None, "loss"):
         bench_loss(args.tokens, 512, args.vocab, args.loss_iters)
+    if args.only in (None, "attention"):
+        bench_attention(max(1, args.tokens // 256), 8, 64, args.seqs, args.loss_iters)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,23 @@ def test_compiled_layers_keep_the_kernel_without_graph_breaks(kernel_calls):
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=0)
     for name, g in eager[1].items():
         torch.testing.assert_close(compiled[1][name], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()), msg=name)
+
+
+def test_packed_rows_with_the_collators_block_mask_equal_sdpa(monkeypatch, kernel_calls):
+    """A packed batch (position_ids restarting per row, the collator's additive 4-D block mask)
+    gives SDPA's loss and gradients through the kernel (fp32 gate opened for exactness)."""
+    from peftkit.data.collate import block_causal_mask
+
+    monkeypatch.setattr(fast_attention, "_DTYPES", (torch.float32,))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]])
+    data = {"input_ids": ids, "position_ids": position_ids, "attention_mask": block_causal_mask(position_ids),
+            "labels": ids.masked_fill(position_ids == 0, -100)}
+    model = lora(tiny_models.llama())
+    routed = loss_and_grads(model, data)
+    assert len(kernel_calls) == 2
+    sdpa = loss_and_grads(model, data, fast=False)
+    torch.testing.assert_close(routed[0], sdpa[0], rtol=1e-6, atol=1e-6)
+    for name, grad in sdpa[1].items():
+        torch.testing.assert_close(routed[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

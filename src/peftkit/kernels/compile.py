@@ -6,8 +6,9 @@ set-up, generation), and the layers of one class share one compiled graph: torch
 treats module parameters as inputs, so 32 identical layers compile once. `nn.Module.compile`
 compiles in place, so parameter names, state_dict keys and adapter save/load are unchanged.
 
-LoRA layers with the fused op (`lora_linear`) trace without graph breaks when dropout is 0;
-dropout > 0 breaks the graph at each adapted linear (its mask seed is drawn in Python).
+LoRA layers with the fused op (`lora_linear`), with or without dropout, and the attention
+kernel that PeftModel routes transformers' SDPA to (`kernels.attention`) trace without graph
+breaks; the dropout mask and the attention are opaque custom ops inside the graph.
 """
 from __future__ import annotations
 
