@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +35,24 @@ def standard_runs(root: Path, **common) -> list[dict]:
 
 
 def launch(worker: Path, runs: list[dict], timeout: int = 600) -> None:
-    """Run `worker` under `torchrun --nproc_per_node 2` with one JSON argument per run."""
+    """Run `worker` under `torchrun --nproc_per_node 2` with one JSON argument per run.
+
+    A failed launch is retried once, with a warning carrying its stderr: one launch in about
+    eight full-suite runs failed once on the shared 2-vCPU machine and never again in isolation
+    (its output was not kept). A real failure fails both times and raises with both outputs."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            *[json.dumps(run) for run in runs]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError("torchrun failed:\n" + proc.stderr[-6000:])
+    errors = []
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0:
+            return
+        errors.append(proc.stderr[-6000:])
+        for run in runs:  # a clean start: no half-written checkpoints for the retry to resume from
+            shutil.rmtree(run["config"]["output_dir"], ignore_errors=True)
+        warnings.warn(f"torchrun launch of {worker.name} failed (exit {proc.returncode}), retrying once:\n{errors[-1]}")
+    raise AssertionError("torchrun failed twice:\n" + "\n----- second launch -----\n".join(errors))
 
 
 def run_all(argv: list[str], after_train: Callable | None = None) -> None:
