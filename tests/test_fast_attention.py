@@ -86,7 +86,7 @@ def test_peft_model_from_pretrained_installs_too(tmp_path):
     assert base.config._attn_implementation == fast_attention.NAME
 
 
-def test_kernel_runs_for_bf16_training_forwards_only(kernel_calls):
+def test_kernel_runs_for_bf16_train_mode_forwards_only(kernel_calls):
     model = lora(tiny_models.llama().to(torch.bfloat16))
     data = batch()
     loss_and_grads(model, data)
@@ -94,7 +94,7 @@ def test_kernel_runs_for_bf16_training_forwards_only(kernel_calls):
 
     kernel_calls.clear()
     with torch.no_grad():
-        model(**data)  # inference: SDPA
+        model.eval()(**data)  # eval mode (inference, generation): SDPA
     loss_and_grads(model, data, fast=False)  # fast paths off: SDPA
     assert kernel_calls == []
 
@@ -197,3 +197,19 @@ def test_packed_rows_with_the_collators_block_mask_equal_sdpa(monkeypatch, kerne
     torch.testing.assert_close(routed[0], sdpa[0], rtol=1e-6, atol=1e-6)
     for name, grad in sdpa[1].items():
         torch.testing.assert_close(routed[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reentrant_checkpointing_recomputes_through_the_same_kernel(kernel_calls):
+    """Reentrant activation checkpointing runs the forward without grad and recomputes it
+    with grad: both passes take the kernel (train mode decides), so the gradients are those
+    of the run without checkpointing."""
+    data = batch()
+    plain = loss_and_grads(lora(tiny_models.llama().to(torch.bfloat16)), data)
+    base = tiny_models.llama().to(torch.bfloat16)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    kernel_calls.clear()
+    checkpointed = loss_and_grads(lora(base), data)
+    assert len(kernel_calls) == 4  # two layers, each forward and recomputation
+    torch.testing.assert_close(checkpointed[0], plain[0], rtol=0, atol=0)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], g, rtol=0, atol=0, msg=name)

@@ -3,11 +3,11 @@
 transformers looks up each attention layer's function by `config._attn_implementation` at
 call time. `PeftModel` switches configs set to "sdpa" to "peftkit_sdpa", registered here with
 the same mask builder as "sdpa", and switches them back on unload/merge. Per call, the kernel
-runs only where it is exact and measured faster: a training forward (some input needs grad)
-on CPU in bf16/fp16, no attention dropout, no softcap/sinks/position bias, keys at most
-MAX_KV_LEN long, fast paths on (under torch.compile too: the kernel is a custom op). Every other call (inference,
-generation, GPU, fp32, long sequences, fast paths off) is transformers' own SDPA function
-with the same arguments.
+runs only where it is exact and measured faster: a forward in train mode, on CPU, in
+bf16/fp16, without attention dropout, softcap, sinks or position bias, with keys at most
+MAX_KV_LEN long, and fast paths on (under torch.compile too: the kernel is a custom op).
+Every other call (eval mode: inference and generation; GPU, fp32, long sequences, fast paths
+off) is transformers' own SDPA function with the same arguments.
 """
 from __future__ import annotations
 
@@ -35,12 +35,14 @@ def _sdpa():
     return sdpa_attention_forward
 
 
-def _kernel_applies(query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
+def _kernel_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
     if not fast_paths_enabled():
         return False
     if query.device.type != "cpu" or query.dtype not in _DTYPES or key.dtype != query.dtype:
         return False
-    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+    if not getattr(module, "training", False):
+        # Train mode, not grad mode, decides: reentrant activation checkpointing runs the first
+        # forward without grad and recomputes with it, and both must take the same path.
         return False
     if dropout or kwargs.get("output_attentions") or any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):
         return False
@@ -66,7 +68,7 @@ def peftkit_sdpa_attention(module: nn.Module, query, key, value, attention_mask,
     """transformers' attention-function signature: returns ([B, Sq, H, Dv] output, None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and query.shape[2] > 1
-    if not _kernel_applies(query, key, value, attention_mask, dropout, causal, kwargs):
+    if not _kernel_applies(module, query, key, value, attention_mask, dropout, causal, kwargs):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
