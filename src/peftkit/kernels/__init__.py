@@ -7,7 +7,7 @@
 - `dora_weight_norm`: DoRA's row norm of W + s·B A without forming that matrix.
 - `attention`: softmax(q kᵀ · scale + bias) v for training-length sequences as per-batch
   GEMMs with the probabilities kept (CPU: 0.55-0.65x SDPA's time); `peftkit.fast_attention`
-  routes a transformers model's SDPA calls to it during bf16/fp16 training on CPU.
+  routes a transformers model's SDPA calls to it in train mode, bf16/fp16, on CPU.
 - `compile_decoder_layers` (in `kernels.compile`): torch.compile on each decoder layer.
 
 Large fp32 matmuls of the fast paths run on oneDNN on x86 CPUs (`_gemm.linear_nt`: ~2.3x
