@@ -213,3 +213,16 @@ def test_reentrant_checkpointing_recomputes_through_the_same_kernel(kernel_calls
     torch.testing.assert_close(checkpointed[0], plain[0], rtol=0, atol=0)
     for name, g in plain[1].items():
         torch.testing.assert_close(checkpointed[1][name], g, rtol=0, atol=0, msg=name)
+
+
+def test_models_that_test_the_name_sdpa_keep_it():
+    """Falcon's code branches on `_attn_implementation == "sdpa"`: a new name would send it
+    down another path, so it is left on transformers' SDPA."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    base = FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                                          new_decoder_architecture=False, attn_implementation="sdpa"))
+    assert base.config._attn_implementation == "sdpa"
+    lora(base)
+    assert base.config._attn_implementation == "sdpa"

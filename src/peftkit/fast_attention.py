@@ -11,6 +11,9 @@ off) is transformers' own SDPA function with the same arguments.
 """
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 from torch import nn
 
@@ -107,9 +110,32 @@ def _configs(model: nn.Module) -> list:
     return out
 
 
+# Model code that tests the implementation by its name (e.g. Falcon's `== "sdpa"` branches)
+# would take another path under a new name: such models keep "sdpa".
+_NAME_TESTS = ('_attn_implementation == "sdpa"', '_attn_implementation != "sdpa"', "_attn_implementation in [",
+               "_attn_implementation in (")
+_source_tests_name: dict[str, bool] = {}
+
+
+def _tests_the_name(module: nn.Module) -> bool:
+    name = type(module).__module__
+    if name not in _source_tests_name:
+        source = ""
+        if name.startswith("transformers.models."):
+            try:
+                source = inspect.getsource(sys.modules[name])
+            except (KeyError, OSError, TypeError):
+                source = ""
+        _source_tests_name[name] = any(test in source for test in _NAME_TESTS)
+    return _source_tests_name[name]
+
+
 def install(model: nn.Module) -> int:
     """Switch every config of `model` that selects "sdpa" to the routed function; returns how
-    many were switched (0 for models that are not transformers models or use another kind)."""
+    many were switched (0 for models that are not transformers models, use another kind, or
+    whose code tests the implementation by name)."""
+    if any(_tests_the_name(m) for m in model.modules()):
+        return 0
     configs = [c for c in _configs(model) if c._attn_implementation_internal == "sdpa"]
     if configs:
         _register()
