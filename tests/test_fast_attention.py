@@ -226,3 +226,14 @@ def test_models_that_test_the_name_sdpa_keep_it():
     assert base.config._attn_implementation == "sdpa"
     lora(base)
     assert base.config._attn_implementation == "sdpa"
+
+
+def test_fp32_float_mask_on_a_bf16_model_stays_finite(kernel_calls):
+    """fp32's lowest value rounds to -inf in bf16; a fully masked query row must still give a
+    finite output (not the NaN of softmax over -inf only)."""
+    module = torch.nn.Module().train()
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, 1] = torch.finfo(torch.float32).min  # query 1 sees no key
+    out, _ = fast_attention.peftkit_sdpa_attention(module, q, k, v, mask, is_causal=False)
+    assert len(kernel_calls) == 1 and torch.isfinite(out).all()

@@ -61,9 +61,11 @@ def _kernel_applies(module, query, key, value, attention_mask, dropout, is_causa
 
 def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool mask (True = attend) or an additive float mask as an additive mask in `dtype`."""
+    lowest = torch.finfo(dtype).min
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask.to(dtype)
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, lowest)
+    # fp32's lowest value rounds to -inf in bf16; kept finite, a fully masked row cannot give NaN
+    return mask.to(dtype).clamp_(min=lowest)
 
 
 def peftkit_sdpa_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -242,8 +242,9 @@ class _LoraLinearFn(torch.autograd.Function):
         cd = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
 
-        # The LoRA branch first: its mask passes then run while x is in cache, and the base
-        # product's output is still in cache for the next layer.
+        # The LoRA branch first, so the base product's output is the last large write (still
+        # in cache for the next op); in-process A/B runs put this order 0-15 ms/step ahead on
+        # this benchmark's shape, within the machine's noise.
         packed = None
         if dropout_p > 0 and torch.compiler.is_compiling():
             xk, packed = _dropout_apply_op(x2, seed, dropout_p)
