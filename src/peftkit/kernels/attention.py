@@ -3,7 +3,7 @@
 torch's CPU `scaled_dot_product_attention` (a flash kernel) runs at ~40 GFLOP/s on head_dim 64
 and recomputes the scores in backward; at training lengths of a few hundred tokens the
 probabilities are small enough to keep, and the six products then run as large bf16 GEMMs.
-Measured on one core, bf16, [4, 8, 256, 64], forward + backward: 24.7 ms for SDPA, 13.8 ms
+Measured on one core, bf16, [4, 8, 256, 64], forward + backward: 24.7 ms for SDPA, 13.8-16 ms
 here (benchmarks/README.md).
 
 - The products run per batch element on [heads, seq, head_dim] views, so q, k and v are used
