@@ -130,13 +130,16 @@ def test_routed_model_equals_sdpa_in_fp32(model_fn, monkeypatch, kernel_calls):
     data = batch()
     if model_fn is bert_without_dropout:
         data["labels"] = torch.tensor([0, 2, 1])
-    model = lora(model_fn())
+    assert_routed_equals_sdpa(lora(model_fn()), data, kernel_calls)
+
+
+def assert_routed_equals_sdpa(model, data, kernel_calls):
     routed = loss_and_grads(model, data)
-    assert len(kernel_calls) == 2
+    assert len(kernel_calls) == 2  # both layers took the kernel
     sdpa = loss_and_grads(model, data, fast=False)
     torch.testing.assert_close(routed[0], sdpa[0], rtol=1e-6, atol=1e-6)
-    for name, g in sdpa[1].items():
-        torch.testing.assert_close(routed[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in sdpa[1].items():
+        torch.testing.assert_close(routed[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bf16_training_gradients_within_bf16_error_of_sdpa():
@@ -190,13 +193,7 @@ def test_packed_rows_with_the_collators_block_mask_equal_sdpa(monkeypatch, kerne
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]])
     data = {"input_ids": ids, "position_ids": position_ids, "attention_mask": block_causal_mask(position_ids),
             "labels": ids.masked_fill(position_ids == 0, -100)}
-    model = lora(tiny_models.llama())
-    routed = loss_and_grads(model, data)
-    assert len(kernel_calls) == 2
-    sdpa = loss_and_grads(model, data, fast=False)
-    torch.testing.assert_close(routed[0], sdpa[0], rtol=1e-6, atol=1e-6)
-    for name, grad in sdpa[1].items():
-        torch.testing.assert_close(routed[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_routed_equals_sdpa(lora(tiny_models.llama()), data, kernel_calls)
 
 
 def test_reentrant_checkpointing_recomputes_through_the_same_kernel(kernel_calls):

@@ -22,13 +22,10 @@ from peftkit.train.fused_loss import fused_causal_lm_loss
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_fresh_dynamo():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(before)
 
 
 def lora_llama(seed=1, **lora):

@@ -14,15 +14,6 @@ from peftkit.train.fused_loss import fused_causal_lm_loss, fused_loss_blocker
 from peftkit.train.loss import causal_lm_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: OpenMP hand-offs cost more than they save, and thrash on a loaded machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 

@@ -10,14 +10,6 @@ import torch
 from peftkit.kernels import _gemm, linear_cross_entropy, linear_cross_entropy_reference, lora_linear, lora_linear_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # 128 x 256 x 256 = 8M multiply-adds: above MIN_ONEDNN_MACS
 N, IN, OUT, R = 128, 256, 256, 8
 assert N * IN * OUT >= _gemm.MIN_ONEDNN_MACS

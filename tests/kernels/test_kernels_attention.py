@@ -8,14 +8,6 @@ from peftkit.kernels import fast_paths
 from peftkit.kernels.attention import attention, attention_reference, causal_bias
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def qkv(batch=2, heads=3, q_len=9, kv_len=9, dim=8, dtype=torch.float32, transformers_layout=True, seed=0):
     g = torch.Generator().manual_seed(seed)
 
