@@ -234,3 +234,21 @@ def test_fp32_float_mask_on_a_bf16_model_stays_finite(kernel_calls):
     mask[0, 0, 1] = torch.finfo(torch.float32).min  # query 1 sees no key
     out, _ = fast_attention.peftkit_sdpa_attention(module, q, k, v, mask, is_causal=False)
     assert len(kernel_calls) == 1 and torch.isfinite(out).all()
+
+
+def test_fp32_model_under_bf16_autocast_takes_the_kernel_like_sdpa_does(kernel_calls):
+    """peftkit's loop with precision bf16 on CPU: fp32 weights under autocast. SDPA then runs
+    in bf16 (CPU autocast's list), and so does the kernel; against the fp32 run without
+    autocast, its error is of the size of SDPA's own."""
+    data = batch(seq=48)
+    model = lora(tiny_models.llama(hidden_size=64, intermediate_size=128))
+    exact = loss_and_grads(model, data, fast=False)
+    errors = {}
+    for fast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, grads = loss_and_grads(model, data, fast=fast)
+        rel = max(float((grads[n] - g).norm() / g.norm()) for n, g in exact[1].items())
+        errors[fast] = (abs(float(loss - exact[0])), rel)
+    assert len(kernel_calls) == 2
+    assert errors[True][0] < 5e-3 and errors[True][1] < 8e-2, errors
+    assert errors[True][1] < 2.5 * errors[False][1], errors

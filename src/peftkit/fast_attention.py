@@ -4,7 +4,7 @@ transformers looks up each attention layer's function by `config._attn_implement
 call time. `PeftModel` switches configs set to "sdpa" to "peftkit_sdpa", registered here with
 the same mask builder as "sdpa", and switches them back on unload/merge. Per call, the kernel
 runs only where it is exact and measured faster: a forward in train mode, on CPU, in
-bf16/fp16, without attention dropout, softcap, sinks or position bias, with keys at most
+bf16/fp16 (tensors in it, or fp32 under a bf16/fp16 autocast, as SDPA then runs), without attention dropout, softcap, sinks or position bias, with keys at most
 MAX_KV_LEN long, and fast paths on (under torch.compile too: the kernel is a custom op).
 Every other call (eval mode: inference and generation; GPU, fp32, long sequences, fast paths
 off) is transformers' own SDPA function with the same arguments.
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .kernels import fast_paths_enabled
+from .kernels._dispatch import compute_dtype
 from .kernels.attention import attention, causal_bias
 
 NAME = "peftkit_sdpa"
@@ -41,7 +42,7 @@ def _sdpa():
 def _kernel_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
     if not fast_paths_enabled():
         return False
-    if query.device.type != "cpu" or query.dtype not in _DTYPES or key.dtype != query.dtype:
+    if query.device.type != "cpu" or compute_dtype(query) not in _DTYPES or key.dtype != query.dtype:
         return False
     if not getattr(module, "training", False):
         # Train mode, not grad mode, decides: reentrant activation checkpointing runs the first
@@ -76,6 +77,11 @@ def peftkit_sdpa_attention(module: nn.Module, query, key, value, attention_mask,
     if not _kernel_applies(module, query, key, value, attention_mask, dropout, causal, kwargs):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
+    # Under autocast SDPA runs in the autocast dtype (it is on CPU autocast's lower-precision
+    # list); the kernel, an opaque op to autocast, gets its inputs cast the same way.
+    dtype = compute_dtype(query)
+    if query.dtype != dtype:
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         from transformers.integrations.sdpa_attention import repeat_kv
