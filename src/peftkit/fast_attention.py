@@ -25,7 +25,7 @@ NAME = "peftkit_sdpa"
 
 # Longest key length for the kernel: it keeps the [B, H, Sq, Skv] probabilities for backward
 # (2 * H * Skv bytes per token per layer in bf16). Measured on one core, head_dim 64, forward +
-# backward against SDPA: 0.64x at 256 keys, 0.78x at 512, 1.25x at 1024.
+# backward against SDPA (benchmarks/kernels_micro.py): ~0.5x at 256 and 512 keys, 1.3-1.5x at 1024.
 MAX_KV_LEN = 512
 _DTYPES = (torch.bfloat16, torch.float16)
 # kwargs that change the attention math and that the kernel does not implement.
