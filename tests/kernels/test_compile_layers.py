@@ -99,15 +99,16 @@ def test_fused_lora_linear_compiles_without_graph_breaks(variant):
 
 def test_dropout_mask_ops_run_the_eager_code():
     """The custom ops behind the compiled dropout path give the eager mask for a seed."""
-    from peftkit.kernels.lora_linear import _dropout_apply_op, _dropout_unpack_op, dropout_keep_mask
+    from peftkit.kernels.dropout_mask import _dropout_apply_op, _mask_mul_op, dropout_keep_mask
 
     x = torch.randn(6, 7, dtype=torch.bfloat16)
     xk, packed = _dropout_apply_op(x, torch.tensor([123]), 0.3)
     keep = dropout_keep_mask(123, (6, 7), 0.3, "cpu")
     assert torch.equal(xk, x * keep)
-    assert torch.equal(_dropout_unpack_op(packed, x), keep.to(torch.bfloat16))
+    t = torch.randn(6, 7, dtype=torch.bfloat16)
+    assert torch.equal(_mask_mul_op(t, packed), t * keep)
     torch.library.opcheck(_dropout_apply_op, (x, torch.tensor([123]), 0.3))
-    torch.library.opcheck(_dropout_unpack_op, (packed, x))
+    torch.library.opcheck(_mask_mul_op, (t, packed))
 
 
 def _compiled_vs_eager(backend):

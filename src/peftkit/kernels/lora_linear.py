@@ -6,15 +6,11 @@ Against the plain composition of F.linear / F.dropout (what `peft` does), the fu
   dropped copy of x: 8x the bytes in bf16, 16x in fp32);
 - folds s and the 1/(1-p) dropout rescale into the small [N, r] intermediate, and
   accumulates the LoRA term into the base output in place (no [N, out] temporaries).
+The dropout mask itself (drawing, packing, applying; C kernels on CPU) is `dropout_mask`.
 Under torch.compile the op traces without graph breaks: with dropout, the seed is a traced
-random tensor and drawing/packing/unpacking the mask are opaque custom ops (`peftkit::
-dropout_apply`, `peftkit::dropout_unpack`) that run the same eager code (inductor cannot hold
-SplitMix64's wrapping 64-bit constants).
+random tensor and the mask work runs in opaque custom ops.
 """
 from __future__ import annotations
-
-import threading
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from ._dispatch import compute_dtype, select
 from ._gemm import linear_nt
+from .dropout_mask import add_masked_, apply_mask, draw_and_apply, draw_seed, dropout_keep_mask, keep_rescale
 
 # Keep x·Aᵀ ([N, r]: r/in of x's bytes, 3% at r=16, in=512) for B's gradient rather than
 # recomputing it in backward. benchmarks/kernels_micro.py ("fast-rc") measures both: recomputing
@@ -31,167 +28,6 @@ from ._gemm import linear_nt
 SAVE_XA = True
 
 __all__ = ["lora_linear", "lora_linear_reference", "dropout_keep_mask"]
-
-
-# The dropout probability is resolved to multiples of 2^-16: each element's keep decision
-# compares a 16-bit lane of a 64-bit random value. The values are SplitMix64 outputs for the
-# counters 0, 1, ... keyed by the seed: a pure function of (seed, index) computed with
-# vectorised integer ops, so it runs on every core (torch's CPU generator, a sequential
-# Mersenne Twister, was the cost of dropout on CPU) and a GPU kernel can reproduce it.
-# Forward draws once and packs the mask for backward (see _pack_keep).
-_P_LEVELS = 2**16
-_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 as int64: SplitMix64's counter step
-_MIX = ((30, -0x40A7B892E31B1A47), (27, -0x6B2FB644ECCEEE15), (31, None))  # (shift, multiplier)
-# 1.0 as a 16-bit float bit pattern: a 0/1 int16 mask times this, viewed as the float dtype,
-# is the 0.0/1.0 mask. On CPU, comparing straight into a bf16/fp16 output is not vectorised
-# (~10x slower than comparing into int16 and this multiply).
-_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
-# Packing: four 0/1 int16 lanes seen as one int64 (bits 0, 16, 32, 48) times _GATHER put the
-# four bits at 48..51 with every other product bit below 48 (no carries, nothing above 51);
-# a nibble times _SPREAD (< 2^49) masked by _LANES unfolds them.
-_GATHER = (1 << 48) | (1 << 33) | (1 << 18) | (1 << 3)
-_SPREAD = 1 | (1 << 15) | (1 << 30) | (1 << 45)
-_LANES = 1 | (1 << 16) | (1 << 32) | (1 << 48)
-_THREAD_BUFFERS = threading.local()
-
-
-def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.device | str) -> Tensor:
-    """Bool mask, True where an element is kept (probability 1 - p, p rounded to 2^-16).
-
-    A pure function of (seed, shape, p, device type): tests call it to reproduce the mask the
-    fast path draws for a given seed.
-    """
-    shape = tuple(shape)
-    keep, _ = _keep_lanes(seed, _numel(shape), p, device)
-    return keep[: _numel(shape)].view(shape).bool()
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
-
-
-@torch.compiler.disable  # eager under torch.compile: inductor cannot hold 64-bit wrapping constants
-def _keep_lanes(seed: int, n: int, p: float, device) -> tuple[Tensor, Tensor | None]:
-    """0/1 int16 keep decisions, n rounded up to a multiple of 4 (the tail is never used), and
-    a free int64 buffer of a quarter of their length (for `_pack_keep`; None if p = 1).
-
-    Every buffer is written in place: on CPU a fresh large tensor costs its page faults, which
-    were a third of the mask's time."""
-    dropped = round(float(p) * _P_LEVELS)
-    lanes = 4 * ((n + 3) // 4)
-    if dropped >= _P_LEVELS:
-        return torch.zeros(lanes, dtype=torch.int16, device=device), None
-    bits, scratch = _random_bits(seed, lanes // 4, device)
-    keep = bits.view(torch.int16)  # 4 uniform int16 lanes per value
-    return torch.ge(keep, dropped - _P_LEVELS // 2, out=keep), scratch
-
-
-def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
-    """[count] int64, uniform over all 64 bits: SplitMix64 of the states seed + (i + 1) * golden
-    (integer multiplies wrap modulo 2^64, as SplitMix64 expects); and the scratch buffer used."""
-    state = (int(seed) + _GOLDEN) % (1 << 64)
-    z = torch.add(_weyl_steps(device, count), state - (1 << 64) * (state >> 63), out=_scratch(device, count, "bits"))
-    spare = _scratch(device, count, "spare")
-    for shift, multiplier in _MIX:
-        # z ^= z >>> shift (a logical shift: the arithmetic one, its sign copies masked off)
-        torch.bitwise_right_shift(z, shift, out=spare).bitwise_and_((1 << (64 - shift)) - 1)
-        z.bitwise_xor_(spare)
-        if multiplier is not None:
-            z.mul_(multiplier)
-    return z, spare
-
-
-def _weyl_steps(device, count: int) -> Tensor:
-    """[count] int64: i * golden (mod 2^64) for i = 0, 1, ...; kept per thread and device, so a
-    mask's counters cost one pass (a state add) instead of three."""
-    buffers = _THREAD_BUFFERS.__dict__.setdefault("weyl", {})
-    key = torch.device(device)
-    steps = buffers.get(key)
-    if steps is None or steps.numel() < count:
-        steps = buffers[key] = torch.arange(count, dtype=torch.int64, device=device).mul_(_GOLDEN)
-    return steps[:count]
-
-
-def _scratch(device, count: int, slot: str, dtype: torch.dtype = torch.int64) -> Tensor:
-    """A reused [count] buffer of this thread (one per slot, dtype and device). On CPU fresh
-    multi-MB tensors cost their page faults, about a third of drawing the mask; a buffer is
-    only in use within one forward or one backward call of the op, which never nest."""
-    buffers = _THREAD_BUFFERS.__dict__.setdefault("buffers", {})
-    key = (torch.device(device), slot, dtype)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < count:
-        buffer = buffers[key] = torch.empty(count, dtype=dtype, device=device)
-    return buffer[:count]
-
-
-@torch.compiler.disable  # bit-exact as in eager (64-bit products that overflow by design)
-def _pack_keep(keep: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """[4k] 0/1 int16 -> [k] uint8, one nibble per four elements (2 bits per element);
-    `scratch`, if given, is a free [k] int64 buffer to work in."""
-    lanes = keep.view(torch.int64)
-    gathered = lanes.mul(_GATHER) if scratch is None else torch.mul(lanes, _GATHER, out=scratch)
-    return gathered.bitwise_right_shift_(48).to(torch.uint8)
-
-
-@torch.compiler.disable
-def _unpack_keep(packed: Tensor) -> Tensor:
-    """`_pack_keep` undone: [k] uint8 -> [4k] 0/1 int16."""
-    lanes = _scratch(packed.device, packed.numel(), "unpack").copy_(packed)
-    return lanes.mul_(_SPREAD).bitwise_and_(_LANES).view(torch.int16)
-
-
-def _as_mask(keep: Tensor, n: int, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """0/1 int16 lanes as a 0.0/1.0 mask of `shape` in `dtype` (consumes `keep`).
-
-    On CPU a same-dtype multiply is ~8x faster than torch.where or a bool operand (mixed-dtype
-    elementwise kernels are not vectorised there), so the mask comes in the compute dtype.
-    """
-    if dtype in _ONE_BITS:
-        mask = keep.mul_(_ONE_BITS[dtype]).view(dtype)
-    else:
-        mask = _scratch(keep.device, keep.numel(), "mask", dtype).copy_(keep)
-    return mask[:n].view(shape)
-
-
-# Under torch.compile: the mask code as opaque ops. They return fresh tensors (an op's output
-# must not alias the per-thread scratch buffers), which costs one copy each; eager calls skip them.
-@torch.library.custom_op("peftkit::dropout_apply", mutates_args=())
-def _dropout_apply_op(x2: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """(x2 · keep-mask, the mask packed) for the mask of `seed` (a one-element int64 tensor)."""
-    keep, scratch = _keep_lanes(int(seed), x2.numel(), p, x2.device)
-    packed = _pack_keep(keep, scratch)
-    return _as_mask(keep, x2.numel(), x2.shape, x2.dtype).mul(x2), packed
-
-
-@_dropout_apply_op.register_fake
-def _(x2: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x2), x2.new_empty(((x2.numel() + 3) // 4,), dtype=torch.uint8)
-
-
-@torch.library.custom_op("peftkit::dropout_unpack", mutates_args=())
-def _dropout_unpack_op(packed: Tensor, like: Tensor) -> Tensor:
-    """The 0/1 mask of `packed` with the shape and dtype of `like`."""
-    return _as_mask(_unpack_keep(packed), like.numel(), like.shape, like.dtype).clone()
-
-
-@_dropout_unpack_op.register_fake
-def _(packed: Tensor, like: Tensor) -> Tensor:
-    return torch.empty_like(like)
-
-
-def _keep_rescale(p: float) -> float:
-    """1 / (1 - p) for p as the mask resolves it; 0 when everything is dropped."""
-    kept = _P_LEVELS - round(float(p) * _P_LEVELS)
-    return 0.0 if kept <= 0 else _P_LEVELS / kept
-
-
-def _draw_seed() -> int:
-    # From torch's global CPU generator: torch.manual_seed makes runs reproducible, and
-    # activation checkpointing (which restores the RNG state) regenerates the same mask.
-    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out) -> None:
@@ -246,17 +82,10 @@ class _LoraLinearFn(torch.autograd.Function):
         # in cache for the next op); in-process A/B runs put this order 0-15 ms/step ahead on
         # this benchmark's shape, within the machine's noise.
         packed = None
-        if dropout_p > 0 and torch.compiler.is_compiling():
-            xk, packed = _dropout_apply_op(x2, seed, dropout_p)
-        elif dropout_p > 0:
-            keep, scratch = _keep_lanes(seed, x2.numel(), dropout_p, x.device)
-            packed = _pack_keep(keep, scratch)
-            del scratch
-            xk = _as_mask(keep, x2.numel(), x2.shape, cd).mul_(x2)  # the mask's buffer becomes x·mask
-            del keep
-        else:
-            xk = x2
-        s = scaling * _keep_rescale(dropout_p)
+        xk = x2
+        if dropout_p > 0:
+            xk, packed = draw_and_apply(x2, seed, dropout_p)
+        s = scaling * keep_rescale(dropout_p)
         xa = torch.mm(xk, lora_A.to(cd).t()).mul_(s)  # [N, r]
         del xk
         w = weight.to(cd)
@@ -280,16 +109,10 @@ class _LoraLinearFn(torch.autograd.Function):
         A, B = lora_A.to(cd), lora_B.to(cd)
 
         need_xk = need_A or (need_B and xa is None)  # the dropped input x·mask
-        keep = None
-        compiling = torch.compiler.is_compiling()
-        if packed is not None and (need_x or need_xk):
-            keep = _dropout_unpack_op(packed, x2) if compiling else _as_mask(_unpack_keep(packed), x2.numel(), x2.shape, cd)
-        if not need_xk or keep is None:
-            xk = x2 if need_xk else None
-        elif compiling:
-            xk = x2 * keep
-        else:
-            xk = torch.mul(x2, keep, out=_scratch(x2.device, x2.numel(), "xk", cd).view(x2.shape))
+        masked = packed is not None and (need_x or need_xk)
+        xk = None
+        if need_xk:
+            xk = apply_mask(x2, packed) if masked else x2
 
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_B:
@@ -303,10 +126,10 @@ class _LoraLinearFn(torch.autograd.Function):
             if need_x:
                 w = weight.to(cd)
                 grad_x = linear_nt(g, w if ctx.fan_in_fan_out else w.t())
-                if keep is None:
+                if not masked:
                     grad_x.addmm_(g_b, A)
                 else:  # the dropped branch's input grad, in xk's buffer (xk is used up)
-                    grad_x.addcmul_(torch.mm(g_b, A) if xk is None else torch.mm(g_b, A, out=xk), keep)
+                    add_masked_(grad_x, torch.mm(g_b, A) if xk is None else torch.mm(g_b, A, out=xk), packed)
                 grad_x = grad_x.view(ctx.x_shape)
         del xk
         if need_w:
@@ -325,7 +148,7 @@ def _lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, trai
         # A traced random draw (no `.item()`, no graph break); the mask ops take it as a tensor.
         seed = torch.randint(0, 2**62, (1,)) if dropout_seed is None else torch.tensor([int(dropout_seed)])
     elif p > 0:
-        seed = _draw_seed() if dropout_seed is None else int(dropout_seed)
+        seed = draw_seed() if dropout_seed is None else int(dropout_seed)
     # Autocast does not reach into an autograd.Function, so cast x here the way autocast would;
     # the cast is differentiable and the Function then saves the low-precision copy only.
     x = x.to(compute_dtype(x))
@@ -387,6 +210,6 @@ def _reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fa
             x = F.dropout(x, dropout_p, training=True)
         else:
             keep = dropout_keep_mask(dropout_seed, (x.numel() // x.shape[-1], x.shape[-1]), dropout_p, x.device)
-            x = x * keep.view(x.shape) * _keep_rescale(dropout_p)
+            x = x * keep.view(x.shape) * keep_rescale(dropout_p)
     lora = F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
     return base + lora * scaling
