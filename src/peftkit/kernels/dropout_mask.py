@@ -76,7 +76,7 @@ def draw_and_apply(x2: Tensor, seed: int | Tensor, p: float) -> tuple[Tensor, Te
     """
     if torch.compiler.is_compiling():
         return _dropout_apply_op(x2, seed, p)
-    return _draw_and_apply_eager(x2, int(seed), p)
+    return _draw_and_apply_eager(x2, int(seed), p, fresh=False)
 
 
 def apply_mask(x: Tensor, packed: Tensor) -> Tensor:
@@ -84,12 +84,7 @@ def apply_mask(x: Tensor, packed: Tensor) -> Tensor:
     (as `draw_and_apply`'s, but another one); under torch.compile a fresh tensor."""
     if torch.compiler.is_compiling():
         return _mask_mul_op(x, packed)
-    out = _scratch(x.device, x.numel(), "applied", x.dtype).view(x.shape)
-    lib = _kernels_for(x)
-    if lib is None:
-        return torch.mul(x, _as_mask(_unpack_keep(packed), x.numel(), x.shape, x.dtype), out=out)
-    _call(lib, "apply", x, x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.numel(), _native.omp_threads())
-    return out
+    return _apply_mask_eager(x, packed, fresh=False)
 
 
 def add_masked_(acc: Tensor, t: Tensor, packed: Tensor) -> Tensor:
@@ -134,12 +129,13 @@ def _call(lib: ctypes.CDLL, name: str, t: Tensor, *args) -> None:
     getattr(lib, f"{name}_{_SUFFIX[t.dtype]}")(*args)
 
 
-def _draw_and_apply_eager(x2: Tensor, seed: int, p: float) -> tuple[Tensor, Tensor]:
+def _draw_and_apply_eager(x2: Tensor, seed: int, p: float, fresh: bool) -> tuple[Tensor, Tensor]:
+    """`draw_and_apply` outside compile; `fresh`: x2 · mask in a new tensor, not a scratch buffer."""
     n = x2.numel()
     dropped = round(float(p) * P_LEVELS)
     lib = _kernels_for(x2) if dropped < P_LEVELS else None
     if lib is not None:
-        xk = _scratch(x2.device, n, "xk_forward", x2.dtype).view(x2.shape)
+        xk = torch.empty_like(x2) if fresh else _scratch(x2.device, n, "xk_forward", x2.dtype).view(x2.shape)
         packed = torch.empty((n + 3) // 4, dtype=torch.uint8)
         _call(lib, "draw_apply", x2, x2.data_ptr(), xk.data_ptr(), packed.data_ptr(), n,
               seed % (1 << 64), dropped, _native.omp_threads())
@@ -147,7 +143,17 @@ def _draw_and_apply_eager(x2: Tensor, seed: int, p: float) -> tuple[Tensor, Tens
     keep, scratch = _keep_lanes(seed, n, p, x2.device)
     packed = _pack_keep(keep, scratch)
     del scratch
-    return _as_mask(keep, n, x2.shape, x2.dtype).mul_(x2), packed  # the mask's buffer becomes x·mask
+    xk = _as_mask(keep, n, x2.shape, x2.dtype).mul_(x2)  # the mask's buffer becomes x·mask
+    return (xk.clone() if fresh else xk), packed
+
+
+def _apply_mask_eager(x: Tensor, packed: Tensor, fresh: bool) -> Tensor:
+    out = torch.empty_like(x) if fresh else _scratch(x.device, x.numel(), "applied", x.dtype).view(x.shape)
+    lib = _kernels_for(x) if out.is_contiguous() else None
+    if lib is None:
+        return torch.mul(x, _as_mask(_unpack_keep(packed), x.numel(), x.shape, x.dtype), out=out)
+    _call(lib, "apply", x, x.data_ptr(), packed.data_ptr(), out.data_ptr(), x.numel(), _native.omp_threads())
+    return out
 
 
 # --- torch implementation (the definition) --------------------------------------------------------
@@ -242,13 +248,11 @@ def _as_mask(keep: Tensor, n: int, shape: Sequence[int], dtype: torch.dtype) -> 
 
 
 # --- under torch.compile: opaque ops running the eager code ---------------------------------------
-# They return fresh tensors (an op's output must not alias the per-thread scratch buffers),
-# which costs one copy each; eager calls skip them.
+# Their outputs are fresh tensors: an op's output must not alias the per-thread scratch buffers.
 @torch.library.custom_op("peftkit::dropout_apply", mutates_args=())
 def _dropout_apply_op(x2: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """(x2 · keep-mask, the mask packed) for the mask of `seed` (a one-element int64 tensor)."""
-    xk, packed = _draw_and_apply_eager(x2.contiguous(), int(seed), p)
-    return xk.clone(), packed
+    return _draw_and_apply_eager(x2.contiguous(), int(seed), p, fresh=True)
 
 
 @_dropout_apply_op.register_fake
@@ -259,7 +263,7 @@ def _(x2: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("peftkit::dropout_mask_mul", mutates_args=())
 def _mask_mul_op(x: Tensor, packed: Tensor) -> Tensor:
     """x · the packed mask, as a new tensor."""
-    return apply_mask(x.contiguous(), packed).clone()
+    return _apply_mask_eager(x.contiguous(), packed, fresh=True)
 
 
 @_mask_mul_op.register_fake
