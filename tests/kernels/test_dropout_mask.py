@@ -114,3 +114,16 @@ def test_native_switch_is_validated(monkeypatch):
     monkeypatch.setenv("PEFTKIT_NATIVE_KERNELS", "maybe")
     with pytest.raises(ValueError, match="PEFTKIT_NATIVE_KERNELS='maybe'"):
         _native.load("dropout_mask")
+
+
+@needs_cc
+def test_flags_the_compiler_refuses_fall_back_to_a_portable_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_loaded", {})
+    portable = ["-O3", "-shared", "-fPIC", "-std=c11"]
+    monkeypatch.setattr(_native, "_flag_sets", lambda: [[*portable, "-fno-such-flag-peftkit"], portable])
+    assert _native.load("dropout_mask") is not None
+    x = torch.randn(33, 65, dtype=torch.bfloat16)
+    xk, packed = dm.draw_and_apply(x, 9, 0.2)
+    assert dm._kernels_for(x) is not None
+    assert torch.equal(xk, x * dropout_keep_mask(9, x.shape, 0.2, "cpu"))

@@ -1,7 +1,8 @@
 """Fast paths for the hot ops of LoRA training, each with a plain reference implementation.
 
 - `lora_linear`: base linear + LoRA branch as one autograd node (saves x once; the dropout
-  mask is a counter-based SplitMix64 draw kept for backward at 2 bits per element).
+  mask, `dropout_mask`, is a counter-based SplitMix64 draw kept for backward at 2 bits per
+  element, drawn and applied on CPU by C kernels that `_native` builds at first use).
 - `linear_cross_entropy` / `causal_lm_loss`: lm_head + cross-entropy in row chunks, never
   materialising the full logits.
 - `dora_weight_norm`: DoRA's row norm of W + s·B A without forming that matrix.
@@ -14,8 +15,9 @@ Large fp32 matmuls of the fast paths run on oneDNN on x86 CPUs (`_gemm.linear_nt
 MKL's sgemm on AMD CPUs, where MKL uses its AVX2 code).
 
 `set_fast_paths(False)` (or `with fast_paths(False):`, or PEFTKIT_FAST_PATHS=0 in the
-environment) routes every op to its reference; `register_kernel` plugs in a device-specific
-kernel (e.g. Triton for "cuda") behind the same call.
+environment) routes every op to its reference; PEFTKIT_NATIVE_KERNELS=0 keeps the fast
+paths but runs the C kernels' torch form (bit-identical); `register_kernel` plugs in a
+device-specific kernel (e.g. Triton for "cuda") behind the same call.
 """
 from ._dispatch import fast_paths, fast_paths_enabled, register_kernel, set_fast_paths
 from .compile import compile_decoder_layers, find_decoder_layers

@@ -73,26 +73,42 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try, fastest first; the portable set is for compilers that refuse
+    -march=native or -fopenmp (Apple clang), where the kernels then run on one thread."""
+    base = ["-O3", "-shared", "-fPIC", "-std=c11"]
+    fast = [*base, "-march=native"] + (["-fopenmp"] if _torch_uses_openmp() else [])
+    return [fast, base]
+
+
 def _build(name: str) -> Path:
     source = (_SOURCE_DIR / f"{name}.c").read_text()
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC to one)")
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
-    if _torch_uses_openmp():
-        flags.append("-fopenmp")
-    key = hashlib.sha256("\0".join([source, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         folder = Path(tempfile.gettempdir()) / "peftkit-native"
         folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}-{key}.so"
-    if target.exists():
-        return target
+    errors = []
+    for flags in _flag_sets():
+        key = hashlib.sha256("\0".join([source, compiler, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+        target = folder / f"{name}-{key}.so"
+        if target.exists():
+            return target
+        try:
+            _compile(source, name, compiler, flags, target)
+            return target
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    raise RuntimeError(errors[0])
+
+
+def _compile(source: str, name: str, compiler: str, flags: list[str], target: Path) -> None:
     # Build under a unique name, then rename: processes building at once never load a half file.
-    fd, partial = tempfile.mkstemp(suffix=".so", prefix=f"{name}-", dir=folder)
+    fd, partial = tempfile.mkstemp(suffix=".so", prefix=f"{name}-", dir=target.parent)
     os.close(fd)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +123,6 @@ def _build(name: str) -> Path:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    return target
 
 
 def load(name: str) -> ctypes.CDLL | None:
