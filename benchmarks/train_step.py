@@ -29,6 +29,7 @@ peft's default autocast_adapter_dtype=True, peftkit's default).
     python benchmarks/train_step.py                       # the default shape, all configurations
     python benchmarks/train_step.py --layers 2 --vocab 4096 --seq 64 --steps 3   # a quick look
     python benchmarks/train_step.py --json out.json --compile
+    python benchmarks/train_step.py --paired --variants lora lora+dropout0.1 --steps 10   # one process
 
 `--device cuda` runs the same on a GPU (peak = max_memory_allocated); it was not run on the
 machine these numbers come from (no GPU there).
@@ -85,8 +86,8 @@ def _current_mb(device) -> float:
     return _rss_now_mb()
 
 
-def run_one(spec: dict) -> dict:
-    """Build, warm up and time one configuration; returns the measurements."""
+def build(spec: dict) -> dict:
+    """The model (with adapter), optimizer, loss and batches of one configuration."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -127,12 +128,44 @@ def run_one(spec: dict) -> dict:
 
                 compile_decoder_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if side != "floor" else None
-    loss_fn = _loss_fn(side)
-
     gen = torch.Generator().manual_seed(spec["seed"] + 2)
     n_steps = spec["warmup"] + spec["steps"]
-    batches = [torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=gen) for _ in range(n_steps)]
+    return {
+        "model": model,
+        "device": device,
+        "trainable": trainable,
+        "optimizer": torch.optim.AdamW(trainable, lr=1e-4) if side != "floor" else None,
+        "loss_fn": _loss_fn(side),
+        "batches": [torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"]), generator=gen) for _ in range(n_steps)],
+    }
+
+
+def timed_step(setup: dict, ids) -> tuple[float, float, float]:
+    """One training step on the batch `ids`: (wall seconds, process CPU seconds, loss)."""
+    import torch
+
+    model, device, optimizer = setup["model"], setup["device"], setup["optimizer"]
+    ids = ids.to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    loss = setup["loss_fn"](model, batch)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start, float(loss)
+
+
+def run_one(spec: dict) -> dict:
+    """Build, warm up and time one configuration; returns the measurements."""
+    import torch
+
+    if spec.get("paired"):
+        return run_paired(spec)
+    setup = build(spec)
+    device = setup["device"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -140,29 +173,22 @@ def run_one(spec: dict) -> dict:
     model_peak_mb = _peak_mb(device)
 
     times, cpu_times, losses = [], [], []
-    for ids in batches:
-        ids = ids.to(device)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss = loss_fn(model, batch)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-        losses.append(float(loss))
+    for ids in setup["batches"]:
+        wall, cpu, loss = timed_step(setup, ids)
+        times.append(wall)
+        cpu_times.append(cpu)
+        losses.append(loss)
     measured = times[spec["warmup"]:]
     fused = None
-    if side == "peftkit":
+    if spec["side"] == "peftkit":
         from peftkit.train.fused_loss import fused_loss_blocker
 
-        fused = fused_loss_blocker(model, batch) or "used"  # else: why the full logits were used
+        ids = setup["batches"][-1].to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        fused = fused_loss_blocker(setup["model"], batch) or "used"  # else: why the full logits were used
     return {
         "fused_loss": fused,
-        "attention": model.config._attn_implementation,
+        "attention": setup["model"].config._attn_implementation,
         "s_per_step": statistics.median(measured),
         "step_times": measured,
         "cpu_s_per_step": statistics.median(cpu_times[spec["warmup"]:]),
@@ -171,9 +197,26 @@ def run_one(spec: dict) -> dict:
         "model_mb": model_mb,
         "model_peak_mb": model_peak_mb,
         "loss": losses[-1],
-        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_params": sum(p.numel() for p in setup["trainable"]),
         "threads": torch.get_num_threads(),
     }
+
+
+def run_paired(spec: dict) -> dict:
+    """peftkit with each of spec["paired"]'s variants, in this one process, stepping in turn on
+    the same batches (the order flips every step): per-variant step times without the
+    process-to-process differences of separate runs. No memory numbers (one shared process)."""
+    setups = {v: build(dict(spec, side="peftkit", variant=v, compile=False)) for v in spec["paired"]}
+    times = {v: ([], [], []) for v in setups}
+    for i in range(spec["warmup"] + spec["steps"]):
+        order = list(setups) if i % 2 == 0 else list(reversed(setups))
+        for v in order:
+            wall, cpu, loss = timed_step(setups[v], setups[v]["batches"][i])
+            if i >= spec["warmup"]:
+                for column, value in zip(times[v], (wall, cpu, loss)):
+                    column.append(value)
+    return {v: {"s_per_step": statistics.median(w), "cpu_s_per_step": statistics.median(c), "step_times": w,
+                "loss": losses[-1]} for v, (w, c, losses) in times.items()}
 
 
 def _loss_fn(side: str):
@@ -355,6 +398,9 @@ def parse_args(argv=None):
                    help="fresh-process runs per configuration, in round-robin order; the median is reported")
     p.add_argument("--sdpa-rows", action="store_true",
                    help="also run peftkit with the model's own SDPA attention (no attention kernel)")
+    p.add_argument("--paired", action="store_true",
+                   help="instead: peftkit's --variants in one process per dtype, stepping in turn; each "
+                        "variant's time relative to the first (use --steps 10 or more)")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) and print JSON
@@ -383,6 +429,8 @@ def main(argv=None) -> int:
     print(f"shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
           f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}; LoRA r={args.r} alpha={args.alpha:g} all-linear; "
           f"{args.warmup} warm-up + {args.steps} measured steps; {args.threads} threads\n")
+    if args.paired:
+        return main_paired(args, info)
     specs = configurations(args)
     runs: list[list[dict]] = [[] for _ in specs]
     for round_ in range(args.repeats):  # round-robin: a slow spell of the machine hits every configuration
@@ -403,6 +451,30 @@ def main(argv=None) -> int:
                                                "targets": checks}, indent=2))
         print(f"\nwrote {args.json}")
     return 1 if any("error" in r for r in results) else 0
+
+
+def main_paired(args, info: dict) -> int:
+    shape = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch",
+                                            "r", "alpha", "warmup", "steps", "threads", "device", "seed")}
+    base = args.variants[0]
+    print(f"peftkit, one process per dtype, variants stepping in turn; ratios to {base} (CPU-time ratio in brackets)")
+    results = {}
+    for dtype in args.dtypes:
+        r = run_child(dict(shape, dtype=dtype, paired=args.variants), args.timeout)
+        results[dtype] = r
+        if "error" in r:
+            print(f"{dtype:5} ERROR {r['error']}")
+            continue
+        for variant in args.variants:
+            v, b = r[variant], r[base]
+            ratio = "" if variant == base else (f"{v['s_per_step'] / b['s_per_step']:5.2f} "
+                                                f"[{v['cpu_s_per_step'] / b['cpu_s_per_step']:.2f}]")
+            print(f"{dtype:5} {variant:16} {v['s_per_step']:7.3f} s/step  {v['cpu_s_per_step']:6.2f} cpu s  "
+                  f"loss {v['loss']:.3f}  {ratio}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "paired": results}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":
