@@ -127,3 +127,12 @@ def test_flags_the_compiler_refuses_fall_back_to_a_portable_build(monkeypatch, t
     xk, packed = dm.draw_and_apply(x, 9, 0.2)
     assert dm._kernels_for(x) is not None
     assert torch.equal(xk, x * dropout_keep_mask(9, x.shape, 0.2, "cpu"))
+
+
+def test_a_mismatched_mask_or_accumulator_is_refused_before_any_kernel_runs():
+    x = torch.randn(8, 8)
+    _, packed = dm.draw_and_apply(x, 1, 0.5)
+    with pytest.raises(ValueError, match=r"uint8 tensor of >= 32 bytes for 128 elements, got \(16,\)"):
+        dm.apply_mask(torch.randn(16, 8), packed)
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        dm.add_masked_(torch.zeros(8, 8, dtype=torch.bfloat16), x, packed)

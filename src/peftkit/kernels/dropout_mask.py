@@ -11,8 +11,9 @@ Two implementations, bit-identical (a test holds them equal):
 - torch ops (any device): the definition, used by `dropout_keep_mask` and wherever the C
   kernels do not apply;
 - C kernels (`dropout_mask.c`, via `_native`) for contiguous fp32/bf16 CPU tensors: the torch
-  form is ~20 elementwise passes per mask, each a fork/join of the thread pool, which cost
-  10-19% of a 2-thread training step; one fused pass per call cuts that ~5x.
+  form is ~20 elementwise passes per mask, each a fork/join of the thread pool; one pass per
+  call is 2.5-5x faster, and dropout's share of a 2-thread training step fell from 12-14% to
+  5% (benchmarks/README.md).
 Under torch.compile the mask work runs inside opaque custom ops (`peftkit::dropout_apply`,
 `peftkit::dropout_mask_mul`): inductor cannot hold SplitMix64's wrapping 64-bit constants.
 """
@@ -82,6 +83,7 @@ def draw_and_apply(x2: Tensor, seed: int | Tensor, p: float) -> tuple[Tensor, Te
 def apply_mask(x: Tensor, packed: Tensor) -> Tensor:
     """x · mask for a packed mask (of x.numel() elements). Eager, a per-thread scratch buffer
     (as `draw_and_apply`'s, but another one); under torch.compile a fresh tensor."""
+    _check_packed(packed, x.numel())
     if torch.compiler.is_compiling():
         return _mask_mul_op(x, packed)
     return _apply_mask_eager(x, packed, fresh=False)
@@ -89,6 +91,10 @@ def apply_mask(x: Tensor, packed: Tensor) -> Tensor:
 
 def add_masked_(acc: Tensor, t: Tensor, packed: Tensor) -> Tensor:
     """acc += t · mask in place (acc, t: same shape and dtype; one rounding, as addcmul_)."""
+    _check_packed(packed, t.numel())
+    if acc.shape != t.shape or acc.dtype != t.dtype:
+        raise ValueError(f"add_masked_: acc {tuple(acc.shape)} {acc.dtype} and t {tuple(t.shape)} {t.dtype} "
+                         "must have the same shape and dtype")
     if torch.compiler.is_compiling():
         return acc.add_(_mask_mul_op(t, packed))
     lib = _kernels_for(t) if acc.is_contiguous() else None
@@ -96,6 +102,13 @@ def add_masked_(acc: Tensor, t: Tensor, packed: Tensor) -> Tensor:
         return acc.addcmul_(t, _as_mask(_unpack_keep(packed), t.numel(), t.shape, t.dtype))
     _call(lib, "add", t, acc.data_ptr(), t.data_ptr(), packed.data_ptr(), t.numel(), _native.omp_threads())
     return acc
+
+
+def _check_packed(packed: Tensor, n: int) -> None:
+    # The C kernels read ceil(n / 4) bytes: a smaller or foreign mask must not reach them.
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() < (n + 3) // 4 or not packed.is_contiguous():
+        raise ValueError(f"packed mask must be a contiguous 1-D uint8 tensor of >= {(n + 3) // 4} bytes for "
+                         f"{n} elements, got {tuple(packed.shape)} {packed.dtype}")
 
 
 # --- C kernels ---------------------------------------------------------------------------------
