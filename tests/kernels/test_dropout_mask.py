@@ -136,3 +136,15 @@ def test_a_mismatched_mask_or_accumulator_is_refused_before_any_kernel_runs():
         dm.apply_mask(torch.randn(16, 8), packed)
     with pytest.raises(ValueError, match="same shape and dtype"):
         dm.add_masked_(torch.zeros(8, 8, dtype=torch.bfloat16), x, packed)
+
+
+@needs_cc
+@pytest.mark.skipif(not _native._torch_uses_openmp() or not __import__("os").path.exists("/proc/self/maps"),
+                    reason="torch without OpenMP, or no /proc")
+def test_the_kernels_share_torchs_openmp_runtime():
+    """Two OpenMP runtimes in one process would be two thread pools spinning against each other."""
+    assert _native.load("dropout_mask") is not None
+    dm.draw_and_apply(torch.randn(300, 300), 3, 0.1)  # a threaded call
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
