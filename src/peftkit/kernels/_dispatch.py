@@ -20,17 +20,22 @@ _FALSE_WORDS = {"0", "false", "no", "off"}
 _TRUE_WORDS = {"1", "true", "yes", "on", ""}
 
 
-def _initial_state() -> bool:
-    # PEFTKIT_FAST_PATHS=0 selects the reference paths for a whole run without code changes.
-    raw = os.environ.get("PEFTKIT_FAST_PATHS", "1").strip().lower()
+def env_switch(name: str) -> bool:
+    """The on/off environment variable `name`: 1/true/yes/on (or unset, or empty) or 0/false/no/off."""
+    raw = os.environ.get(name, "1").strip().lower()
     if raw in _FALSE_WORDS:
         return False
     if raw in _TRUE_WORDS:
         return True
     raise ValueError(
-        f"PEFTKIT_FAST_PATHS={raw!r} is not understood; use one of "
+        f"{name}={raw!r} is not understood; use one of "
         f"{sorted(_TRUE_WORDS - {''})} or {sorted(_FALSE_WORDS)}"
     )
+
+
+def _initial_state() -> bool:
+    # PEFTKIT_FAST_PATHS=0 selects the reference paths for a whole run without code changes.
+    return env_switch("PEFTKIT_FAST_PATHS")
 
 
 _enabled: bool = _initial_state()

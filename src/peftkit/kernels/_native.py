@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ._dispatch import env_switch
+
 __all__ = ["load", "native_kernels_enabled", "omp_threads"]
 
 _SOURCE_DIR = Path(__file__).resolve().parent
@@ -36,12 +38,7 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 def native_kernels_enabled() -> bool:
     """False when PEFTKIT_NATIVE_KERNELS is 0/false/no/off (read at each call)."""
-    raw = os.environ.get("PEFTKIT_NATIVE_KERNELS", "1").strip().lower()
-    if raw in ("0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on", ""):
-        return True
-    raise ValueError(f"PEFTKIT_NATIVE_KERNELS={raw!r} is not understood; use 1/true/yes/on or 0/false/no/off")
+    return env_switch("PEFTKIT_NATIVE_KERNELS")
 
 
 def _torch_uses_openmp() -> bool:
