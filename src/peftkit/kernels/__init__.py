@@ -30,7 +30,8 @@ from .cross_entropy import (
 )
 from .attention import attention, attention_reference, causal_bias
 from .dora import dora_weight_norm, dora_weight_norm_reference, weight_row_sq_norm
-from .lora_linear import dropout_keep_mask, lora_linear, lora_linear_reference
+from .dropout_mask import dropout_keep_mask
+from .lora_linear import lora_linear, lora_linear_reference
 
 __all__ = [
     "attention",

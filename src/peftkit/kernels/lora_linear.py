@@ -27,7 +27,7 @@ from .dropout_mask import add_masked_, apply_mask, draw_and_apply, draw_seed, dr
 # noise on CPU, so the cheaper-to-reason-about choice (no recompute) stays.
 SAVE_XA = True
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_keep_mask"]
+__all__ = ["lora_linear", "lora_linear_reference"]
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out) -> None:
