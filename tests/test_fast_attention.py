@@ -8,18 +8,11 @@ import pytest
 import torch
 
 import tiny_models
+from one_thread import one_torch_thread  # noqa: F401  (autouse)
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit import fast_attention
 from peftkit.kernels import fast_paths, register_kernel
 from peftkit.kernels.attention import _attention_torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
