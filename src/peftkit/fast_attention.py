@@ -4,8 +4,9 @@ transformers looks up each attention layer's function by `config._attn_implement
 call time. `PeftModel` switches configs set to "sdpa" to "peftkit_sdpa", registered here with
 the same mask builder as "sdpa", and switches them back on unload/merge. Per call, the kernel
 runs only where it is exact and measured faster: a forward in train mode, on CPU, in
-bf16/fp16 (tensors in it, or fp32 under a bf16/fp16 autocast, as SDPA then runs), without attention dropout, softcap, sinks or position bias, with keys at most
-MAX_KV_LEN long, and fast paths on (under torch.compile too: the kernel is a custom op).
+bf16/fp16 (tensors in it, or fp32 under a bf16/fp16 autocast, as SDPA then runs), without
+attention dropout, softcap, sinks or position bias, with keys at most MAX_KV_LEN long, and
+fast paths on (under torch.compile too: the kernel is a custom op).
 Every other call (eval mode: inference and generation; GPU, fp32, long sequences, fast paths
 off) is transformers' own SDPA function with the same arguments.
 """
@@ -39,7 +40,7 @@ def _sdpa():
     return sdpa_attention_forward
 
 
-def _kernel_applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
+def _kernel_applies(module, query, key, attention_mask, dropout, is_causal, kwargs) -> bool:
     if not fast_paths_enabled():
         return False
     if query.device.type != "cpu" or compute_dtype(query) not in _DTYPES or key.dtype != query.dtype:
@@ -74,7 +75,7 @@ def peftkit_sdpa_attention(module: nn.Module, query, key, value, attention_mask,
     """transformers' attention-function signature: returns ([B, Sq, H, Dv] output, None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and query.shape[2] > 1
-    if not _kernel_applies(module, query, key, value, attention_mask, dropout, causal, kwargs):
+    if not _kernel_applies(module, query, key, attention_mask, dropout, causal, kwargs):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     # Under autocast SDPA runs in the autocast dtype (it is on CPU autocast's lower-precision

@@ -30,16 +30,19 @@ def causal_bias(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.devic
     """[q_len, kv_len] additive mask: 0 where query i may see key j (j <= i + kv_len - q_len),
     the dtype's lowest finite value elsewhere (finite, so a fully masked row cannot give NaN)."""
     if torch.compiler.is_compiling():  # traced: built in the graph (no module-level cache)
-        return torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device).triu(kv_len - q_len + 1)
+        return _causal_bias(q_len, kv_len, dtype, device)
     key = (q_len, kv_len, dtype, device)
     bias = _BIAS_CACHE.get(key)
     if bias is None:
-        bias = torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device)
-        bias = bias.triu_(kv_len - q_len + 1)
+        bias = _causal_bias(q_len, kv_len, dtype, device)
         if len(_BIAS_CACHE) > 16:
             _BIAS_CACHE.clear()
         _BIAS_CACHE[key] = bias
     return bias
+
+
+def _causal_bias(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((q_len, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device).triu(kv_len - q_len + 1)
 
 
 def _check_args(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> None:
