@@ -181,11 +181,9 @@ def run_one(spec: dict) -> dict:
     measured = times[spec["warmup"]:]
     fused = None
     if spec["side"] == "peftkit":
-        from peftkit.train.fused_loss import fused_loss_blocker
-
         ids = setup["batches"][-1].to(device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        fused = fused_loss_blocker(setup["model"], batch) or "used"  # else: why the full logits were used
+        fused = setup["model"].chunked_loss_blocker(batch) or "used"  # else: why the full logits were used
     return {
         "fused_loss": fused,
         "attention": setup["model"].config._attn_implementation,

@@ -21,6 +21,20 @@ from .methods import get_method
 from .methods.base import ModulesToSaveWrapper
 from .methods.prompt_tuning.learning import load_prompt_learning_state, prompt_learning_state
 from .targeting import SEQ_CLS_HEAD_NAMES
+from . import lm_head_split
+
+# Keyword arguments of a causal LM's forward that only its loss reads (not the backbone).
+_LOSS_ONLY_KWARGS = ("num_items_in_batch",)
+# Keyword arguments with which the split would not return what the model's forward returns:
+# tuples, a subset of positions, pre-shifted labels, TRL's own fused head, MoE auxiliary losses.
+_SPLIT_KWARG_BLOCKERS = {
+    "return_dict": lambda v: v is False,
+    "logits_to_keep": lambda v: v not in (0, None),
+    "num_logits_to_keep": lambda v: v not in (0, None),
+    "shift_labels": lambda v: v is not None,
+    "fused_lm_head": lambda v: bool(v),
+    "output_router_logits": lambda v: bool(v),
+}
 
 
 class PeftModel(nn.Module):
@@ -47,7 +61,6 @@ class PeftModel(nn.Module):
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         if checkpointing:
             self._make_inputs_require_grad()
-        fast_attention.install(model)
 
     def __getattr__(self, name: str):
         try:
@@ -57,11 +70,60 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    #: A causal LM called in train mode with `labels` computes its loss from the hidden states in
+    #: row chunks and returns `logits=None` (no [B, T, V] logits, as Liger-Kernel and Unsloth do).
+    #: Set False to get the base model's own forward, full logits included.
+    chunked_loss: bool = True
+
     def forward(self, *args, **kwargs):
         encoder = self._active_prompt_encoder()
-        if encoder is None:
-            return self.base_model(*args, **kwargs)
-        return encoder.run(self.base_model, args, kwargs)
+        if encoder is not None:
+            return encoder.run(self.base_model, args, kwargs)
+        if not args and self.training and kwargs.get("labels") is not None and self.chunked_loss_blocker(kwargs) is None:
+            return self._chunked_forward(kwargs)
+        return self.base_model(*args, **kwargs)
+
+    # --- the backbone / head split of a causal LM ------------------------------------------------
+    def chunked_loss_blocker(self, batch: dict) -> str | None:
+        """Why `chunked_causal_lm_loss(batch)` (and the train-mode forward with labels) would not
+        apply to this model and batch, or None when it applies."""
+        if not self.chunked_loss:
+            return "model.chunked_loss is False"
+        if self._active_prompt_encoder() is not None:
+            return f"a prompt-learning adapter ({self.peft_type}) is active: it changes the inputs of the forward"
+        for key, blocks in _SPLIT_KWARG_BLOCKERS.items():
+            if key in batch and blocks(batch[key]):
+                return f"{key}={batch[key]!r} asks for something the split does not compute"
+        return lm_head_split.split_blocker(self.base_model, self._split_inputs(batch))
+
+    def chunked_causal_lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_sum fp32 0-d, n_targets int64 0-d): next-token cross-entropy summed over the
+        targets of `batch` (the forward's keyword arguments with unshifted `labels` [B, T]),
+        from the backbone's hidden states through the lm_head in row chunks."""
+        reason = self.chunked_loss_blocker(batch)
+        if reason is not None:
+            raise ValueError(f"The chunked causal-LM loss does not apply: {reason}")
+        loss_sum, n, _ = lm_head_split.chunked_loss(self.base_model, self._split_inputs(batch))
+        return loss_sum, n
+
+    def _chunked_forward(self, kwargs: dict):
+        """transformers' causal-LM output with the loss (mean over targets, or the sum over
+        `num_items_in_batch` as Trainer passes it) and `logits=None`."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        num_items = kwargs.get("num_items_in_batch")
+        loss_sum, n, outputs = lm_head_split.chunked_loss(self.base_model, self._split_inputs(kwargs))
+        denominator = n if num_items is None else num_items
+        if isinstance(denominator, torch.Tensor):
+            denominator = denominator.to(loss_sum.device)
+        return CausalLMOutputWithPast(loss=loss_sum / denominator, logits=None,
+                                      past_key_values=getattr(outputs, "past_key_values", None),
+                                      hidden_states=getattr(outputs, "hidden_states", None),
+                                      attentions=getattr(outputs, "attentions", None))
+
+    @staticmethod
+    def _split_inputs(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k not in _LOSS_ONLY_KWARGS}
 
     def generate(self, *args, **kwargs):
         encoder = self._active_prompt_encoder()
@@ -183,13 +245,13 @@ class PeftModel(nn.Module):
         """Fold the active adapter into the base weights and return the plain base model."""
         self._refuse_merge()
         eject_layers(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
-        fast_attention.uninstall(self.base_model)
+        fast_attention.disable_fast_attention(self)  # if enable_fast_attention routed it
         return self.base_model
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer (no merge) and return the original base model."""
         eject_layers(self.base_model, merge=False)
-        fast_attention.uninstall(self.base_model)
+        fast_attention.disable_fast_attention(self)  # if enable_fast_attention routed it
         return self.base_model
 
     # --- parameters ------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import tiny_models
 from peftkit import LoraConfig, get_peft_model
 from peftkit.kernels.compile import compile_decoder_layers, find_decoder_layers
 from peftkit.methods.lora.layer import Linear as LoraLinear
-from peftkit.train.fused_loss import fused_causal_lm_loss
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +119,7 @@ def _compiled_vs_eager(backend):
         model = lora_llama()
         if compiled:
             assert compile_decoder_layers(model, backend=backend) == 2
-        loss, n = fused_causal_lm_loss(model, batch)
+        loss, n = model.chunked_causal_lm_loss(batch)
         loss.backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
     (eager_loss, eager_grads), (comp_loss, comp_grads) = results

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..lm_head_split import IGNORE_INDEX
+from ..model import PeftModel
 from .data import Batch
-
-IGNORE_INDEX = -100
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor | int]"]
 
 
@@ -106,12 +106,26 @@ def count_targets(batch: Batch, task: str) -> int:
 
 
 def fast_causal_lm_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`causal_lm_loss` through the fused lm_head + cross-entropy kernel where that is exact
+    """`causal_lm_loss` through the model's chunked lm_head + cross-entropy where that is exact
     (no [B, T, V] logits are formed); the plain path everywhere else."""
-    from .fused_loss import fused_causal_lm_loss  # it imports this module
+    peft = getattr(model, "module", model)  # DDP and DeepSpeed keep the model as `.module`
+    if not isinstance(peft, PeftModel) or peft.chunked_loss_blocker(batch) is not None:
+        return causal_lm_loss(model, batch)
+    if model.training:
+        # Through forward, so that a wrapper's forward (DDP's gradient hooks, accelerate's
+        # autocast) runs; num_items_in_batch=1 makes the returned loss the sum.
+        loss_sum = model(**batch, num_items_in_batch=1).loss
+        return loss_sum, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    if "forward" in vars(peft) and not _under_autocast(batch):
+        # accelerate's mixed-precision prepare() made forward autocast(forward): outside an
+        # active autocast a direct call of the split would skip it.
+        return causal_lm_loss(model, batch)
+    return peft.chunked_causal_lm_loss(batch)
 
-    fused = fused_causal_lm_loss(model, batch)
-    return fused if fused is not None else causal_lm_loss(model, batch)
+
+def _under_autocast(batch: Batch) -> bool:
+    device = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    return torch.is_autocast_enabled(device.type)
 
 
 def default_loss_fn(task: str) -> LossFn:

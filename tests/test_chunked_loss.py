@@ -1,4 +1,5 @@
-"""fused_causal_lm_loss (backbone + chunked lm_head/CE) against the full-logits loss of the loop."""
+"""The chunked causal-LM loss (backbone + chunked lm_head/CE): `PeftModel.chunked_causal_lm_loss`,
+the train-mode forward with labels, and the loop's loss, against the full-logits loss."""
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,11 @@ import torch.nn as nn
 import tiny_models
 from peftkit import LoraConfig, PromptTuningConfig, get_peft_model
 from peftkit.kernels import fast_paths
-from peftkit.train.fused_loss import fused_causal_lm_loss, fused_loss_blocker
-from peftkit.train.loss import causal_lm_loss
+from peftkit.train.loss import causal_lm_loss, fast_causal_lm_loss
+
+
+def fused_causal_lm_loss(model, batch):
+    return model.chunked_causal_lm_loss(batch)
 
 
 def trainable(model):
@@ -168,7 +172,6 @@ def _patched_forward(model):
 
 
 CASES = {
-    "ddp-like wrapper": (lambda: Wrapper(lora_model(tiny_models.llama())), "neither a peftkit PeftModel"),
     "lora on lm_head": (lambda: lora_model(tiny_models.llama(), target_modules=["q_proj", "lm_head"]),
                         "not a plain nn.Linear"),
     "lm_head in modules_to_save": (lambda: lora_model(tiny_models.llama(), modules_to_save=["lm_head"]),
@@ -178,7 +181,7 @@ CASES = {
     "prompt tuning": (lambda: get_peft_model(tiny_models.llama(), PromptTuningConfig(task_type="CAUSAL_LM",
                                                                                       num_virtual_tokens=3)),
                       "prompt-learning"),
-    "forward patched on the instance": (lambda: _patched_forward(lora_model(tiny_models.llama())), "patched"),
+    "base forward patched on the instance": (lambda: lora_model(_patched_forward(tiny_models.llama())), "patched"),
 }
 
 
@@ -187,29 +190,106 @@ def test_refuses_what_it_cannot_split(case):
     build, reason = CASES[case]
     model = build()
     batch = make_batch()
-    assert reason in (fused_loss_blocker(model, batch) or "")
-    assert fused_causal_lm_loss(model, batch) is None
+    assert reason in (model.chunked_loss_blocker(batch) or "")
+    with pytest.raises(ValueError, match="does not apply"):
+        model.chunked_causal_lm_loss(batch)
+    # The forward and the loop's loss fall back to the full logits.
+    assert model(**batch).logits is not None
+    plain_loss, plain_n = causal_lm_loss(model, batch)
+    torch.manual_seed(0)
+    loss, n = fast_causal_lm_loss(model, batch)
+    assert int(n) == int(plain_n)
 
 
 def test_refuses_without_labels_or_with_fast_paths_off():
     model = lora_model(tiny_models.llama())
     batch = make_batch()
-    assert fused_loss_blocker(model, batch) is None
+    assert model.chunked_loss_blocker(batch) is None
     with fast_paths(False):
-        assert fused_causal_lm_loss(model, batch) is None
-    assert fused_causal_lm_loss(model, {k: v for k, v in batch.items() if k != "labels"}) is None
+        assert "fast paths" in model.chunked_loss_blocker(batch)
+    assert "labels" in model.chunked_loss_blocker({k: v for k, v in batch.items() if k != "labels"})
+    model.chunked_loss = False
+    assert "chunked_loss is False" in model.chunked_loss_blocker(batch)
 
 
-def test_accelerate_autocast_wrapper_accepted_only_under_autocast():
+def test_accelerate_autocast_wrapper_direct_call_only_under_autocast():
     # accelerate's mixed-precision prepare(): forward = autocast(original forward), and the
-    # original kept as `_original_forward`. Under `accelerator.autocast()` the split is exact.
-    model = lora_model(tiny_models.llama())
+    # original kept as `_original_forward`. In eval the loop calls the split directly: only
+    # under `accelerator.autocast()` is that the same computation.
+    model = lora_model(tiny_models.llama()).eval()
     model._original_forward = model.forward
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model._original_forward)
     batch = make_batch()
-    assert fused_causal_lm_loss(model, batch) is None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, n = fused_causal_lm_loss(model, batch)
+    with torch.no_grad():
+        loss, n = fast_causal_lm_loss(model, batch)
         plain_loss, plain_n = causal_lm_loss(model, batch)
+        assert loss.item() == plain_loss.item()  # fell back to the wrapped forward
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = fast_causal_lm_loss(model, batch)
     assert int(n) == int(plain_n)
     assert abs(loss.item() - plain_loss.item()) <= 2**-5 * abs(plain_loss.item())
+
+
+# --- the forward: every route (Trainer, plain and Accelerate loops) gets the split ---------------
+def test_train_forward_with_labels_returns_the_loss_without_logits():
+    model = lora_model(tiny_models.llama(), lora_dropout=0.1)
+    batch = make_batch()
+    torch.manual_seed(11)
+    out = model(**batch)
+    assert out.logits is None
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainable(model)}
+    model.zero_grad(set_to_none=True)
+    model.chunked_loss = False  # the documented way to keep the logits
+    torch.manual_seed(11)
+    full = model(**batch)
+    assert full.logits.shape == (3, 11, 64)
+    full.loss.backward()
+    torch.testing.assert_close(out.loss, full.loss, rtol=1e-5, atol=0)
+    for name, p in trainable(model):
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_num_items_in_batch_divides_the_sum_as_transformers_does():
+    model = lora_model(tiny_models.llama())
+    batch = make_batch()
+    loss_sum, n = model.chunked_causal_lm_loss(batch)
+    out = model(**batch, num_items_in_batch=torch.tensor(40))
+    torch.testing.assert_close(out.loss, loss_sum / 40)
+    model.chunked_loss = False
+    torch.testing.assert_close(model(**batch, num_items_in_batch=torch.tensor(40)).loss, loss_sum / 40,
+                               rtol=1e-5, atol=0)
+
+
+def test_eval_mode_and_unlabelled_calls_return_logits():
+    model = lora_model(tiny_models.llama())
+    batch = make_batch()
+    assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits is not None
+    model.eval()
+    out = model(**batch)
+    assert out.logits is not None and out.loss is not None
+
+
+@pytest.mark.parametrize("kwarg", [{"return_dict": False}, {"logits_to_keep": 1},
+                                   {"shift_labels": torch.zeros(3, 11, dtype=torch.long)}])
+def test_forward_steps_aside_for_arguments_the_split_does_not_compute(kwarg):
+    model = lora_model(tiny_models.llama())
+    batch = dict(make_batch(), **kwarg)
+    assert next(iter(kwarg)) in model.chunked_loss_blocker(batch)
+    if "logits_to_keep" in kwarg:
+        return  # transformers' own loss then fails: logits for 1 position, labels for 11
+    out = model(**batch)
+    logits = out[1] if isinstance(out, tuple) else out.logits
+    assert logits is not None
+
+
+def test_ddp_like_wrapper_goes_through_the_forward():
+    # DDP keeps the model as `.module`; the loop's loss calls the wrapper, whose forward (DDP's
+    # gradient hooks) runs, and the PeftModel inside computes the split.
+    inner = lora_model(tiny_models.llama())
+    wrapped = Wrapper(inner).train()
+    batch = make_batch()
+    loss, n = fast_causal_lm_loss(wrapped, batch)
+    ref_loss, ref_n = causal_lm_loss(inner, batch)
+    assert int(n) == int(ref_n)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)

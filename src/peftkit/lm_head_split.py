@@ -1,0 +1,157 @@
+"""A transformers causal LM as backbone -> hidden states -> lm_head, and its loss from the
+hidden states in row chunks (`kernels.causal_lm_loss`), never forming the [B, T, V] logits
+nor their fp32 log-softmax (about half of the saved activations of a small model at V = 32000).
+
+`split_blocker` says why that split would not compute exactly what the model's own forward
+computes (a transformed head output, a wrapped head, FSDP, ...); `PeftModel` uses the split
+only where it returns None. The first check of a model runs a short probe forward (no grad,
+RNG state restored) to confirm its logits are exactly lm_head(backbone(...)); the verdict is
+cached per model.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+
+IGNORE_INDEX = -100
+
+# Config attributes of architectures that transform the logits after the lm_head (Gemma 2/3
+# soft-capping, Cohere's logit_scale, Granite's logits_scaling, muP-style multipliers, ...).
+# Present and not None means the head's output is not the logits, so the split is refused.
+_POST_HEAD_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "output_logit_soft_cap",
+    "logits_soft_cap",
+    "logits_mup_width_multiplier",
+    "lm_head_multiplier",
+    "dim_model_base",
+)
+_POST_HEAD_FLAGS = ("mup_enabled",)
+
+# Tokens of the first row used to check, once per model, that the full forward's logits are
+# exactly lm_head(backbone(...)) (catches a post-head transform no attribute above names).
+_PROBE_TOKENS = 8
+
+_verdicts: "weakref.WeakKeyDictionary[nn.Module, str | None]" = weakref.WeakKeyDictionary()
+
+
+def split_blocker(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
+    """Why `chunked_loss(model, batch)` would not equal the loss of `model`'s own logits, or None.
+
+    model: the transformers causal LM (adapters injected); batch: its forward's keyword
+    arguments with `labels`.
+    """
+    if not kernels.fast_paths_enabled():
+        return "fast paths are disabled (kernels.set_fast_paths(False) or PEFTKIT_FAST_PATHS=0)"
+    if batch.get("labels") is None:
+        return "no labels were given"
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency of the package
+        return "transformers is not installed"
+    if not isinstance(model, PreTrainedModel):
+        return f"{type(model).__name__} is not a transformers model"
+    if "forward" in vars(model):
+        # A forward patched on the instance adds something the backbone call would skip.
+        return f"{type(model).__name__}.forward is patched on the instance"
+    if _is_fsdp(model):
+        return "the model is sharded with FSDP"
+    reason = _static_blocker(model)
+    if reason is not None:
+        return reason
+    if model not in _verdicts:
+        _verdicts[model] = _probe(model, batch)
+    return _verdicts[model]
+
+
+def chunked_loss(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(loss_sum fp32 0-d, n_targets int64 0-d, backbone outputs) of next-token cross-entropy.
+
+    batch: input_ids [B, T] (or inputs_embeds), labels [B, T] unshifted, and whatever else the
+    model's forward takes. Call only where `split_blocker` returned None. Under autocast the
+    head runs in the autocast dtype, as the model's own head would.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs.setdefault("use_cache", False)
+    outputs = model.base_model(**inputs)
+    head = model.get_output_embeddings()
+    loss_sum, n = kernels.causal_lm_loss(outputs[0], head.weight, batch["labels"], bias=head.bias,
+                                         ignore_index=IGNORE_INDEX)
+    return loss_sum, n, outputs
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # builds without torch.distributed
+        return False
+    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+
+
+def _static_blocker(model: nn.Module) -> str | None:
+    backbone = model.base_model
+    if backbone is model:
+        return f"{type(model).__name__} has no separate backbone (base_model_prefix)"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        # A LoRA-wrapped head, a modules_to_save copy, or no head at all.
+        return f"the output head is {type(head).__name__}, not a plain nn.Linear"
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        return "the model is split over several devices (device_map)"
+    if getattr(head, "_hf_hook", None) is not None or head.weight.device.type == "meta":
+        return "the output head is offloaded or hooked by accelerate"
+    config = getattr(model, "config", None)
+    configs = [c for c in (config, getattr(config, "text_config", None)) if c is not None]
+    for cfg in configs:
+        for attr in _POST_HEAD_ATTRS:
+            if getattr(cfg, attr, None) is not None:
+                return f"config.{attr}={getattr(cfg, attr)!r}: the logits are transformed after the lm_head"
+        for attr in _POST_HEAD_FLAGS:
+            if getattr(cfg, attr, False):
+                return f"config.{attr}=True: the logits are transformed after the lm_head"
+    return None
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
+    """None if the full forward's logits equal lm_head(backbone(...)) on a few tokens."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return "the batch has no [B, T] input_ids to check the model's head with"
+    t = min(_PROBE_TOKENS, ids.shape[1])
+    inputs: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in ("labels", "use_cache") or value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            inputs[key] = value  # a flag such as output_hidden_states
+        elif value.dim() < 2 or value.shape[:2] != ids.shape:
+            return f"batch[{key!r}] is not a [B, T, ...] tensor; cannot check the model's head"
+        else:
+            inputs[key] = value[:1, :t]
+    head = model.get_output_embeddings()
+    devices = [ids.device] if ids.device.type != "cpu" else []
+    # Same seed for both passes: dropout in a model in train mode draws the same masks.
+    # force_eager: a one-off no-grad pass would otherwise compile an extra graph per layer
+    # class when the layers are compiled (compile_decoder_layers).
+    with torch.random.fork_rng(devices=devices, device_type=ids.device.type), torch.compiler.set_stance("force_eager"):
+        seed = torch.seed()
+        full = model(**inputs, use_cache=False)
+        full = full.logits if hasattr(full, "logits") else full[0]  # return_dict=False: a tuple
+        torch.manual_seed(seed)
+        split = head(model.base_model(**inputs, use_cache=False)[0])
+    if full.shape != split.shape:
+        return f"the model's logits {list(full.shape)} are not lm_head(hidden) {list(split.shape)}"
+    full, split = full.float(), split.float()
+    tol = 1e-3 * float(split.abs().max().clamp_min(1e-6))
+    if not torch.allclose(full, split, rtol=1e-3, atol=tol):
+        return f"{type(model).__name__} transforms the lm_head output before returning the logits"
+    return None
