@@ -119,10 +119,8 @@ def build(spec: dict) -> dict:
             import peftkit
 
             model = peftkit.get_peft_model(model, peftkit.LoraConfig(**kwargs))
-            if spec.get("sdpa"):
-                from peftkit import fast_attention
-
-                fast_attention.uninstall(model)  # the model's own SDPA attention, as on the other sides
+            if not spec.get("sdpa"):  # /sdpa rows: the model's own SDPA attention, as on the other sides
+                peftkit.enable_fast_attention(model)  # as peftkit's loop does (TrainConfig.fast_attention)
             if spec["compile"]:
                 from peftkit.kernels.compile import compile_decoder_layers
 
@@ -158,6 +156,16 @@ def timed_step(setup: dict, ids) -> tuple[float, float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start, float(loss)
 
 
+def _attention(model, side: str) -> str:
+    """Which attention ran: "peftkit" (the kernel, where it applies) or the model's own."""
+    if side == "peftkit":
+        from peftkit import fast_attention_enabled
+
+        if fast_attention_enabled(model):
+            return "peftkit"
+    return model.config._attn_implementation
+
+
 def run_one(spec: dict) -> dict:
     """Build, warm up and time one configuration; returns the measurements."""
     import torch
@@ -186,7 +194,7 @@ def run_one(spec: dict) -> dict:
         fused = setup["model"].chunked_loss_blocker(batch) or "used"  # else: why the full logits were used
     return {
         "fused_loss": fused,
-        "attention": setup["model"].config._attn_implementation,
+        "attention": _attention(setup["model"], spec["side"]),
         "s_per_step": statistics.median(measured),
         "step_times": measured,
         "cpu_s_per_step": statistics.median(cpu_times[spec["warmup"]:]),

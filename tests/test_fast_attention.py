@@ -1,7 +1,10 @@
-"""PeftModel routes transformers' SDPA attention to kernels.attention for training forwards."""
+"""Opt-in fast attention: `enable_fast_attention` routes a model's SDPA calls to kernels.attention
+for training forwards; `get_peft_model` alone leaves the model's attention as it was."""
 from __future__ import annotations
 
 import copy
+import gc
+import importlib
 import json
 
 import pytest
@@ -9,29 +12,51 @@ import torch
 
 import tiny_models
 from one_thread import one_torch_thread  # noqa: F401  (autouse)
-from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit import fast_attention
-from peftkit.kernels import fast_paths, register_kernel
-from peftkit.kernels.attention import _attention_torch
+from peftkit import (LoraConfig, PeftModel, disable_fast_attention, enable_fast_attention, fast_attention_enabled,
+                     get_peft_model)
+from peftkit import _private_apis, fast_attention
+from peftkit.kernels import fast_paths
+
+attention_kernels = importlib.import_module("peftkit.kernels.attention")  # the module (the package exports a function)
 
 
 @pytest.fixture
-def kernel_calls():
-    """Counts calls of the attention kernel (registered as the CPU kernel, running the fast path)."""
+def kernel_calls(monkeypatch):
+    """Records the q shapes of the attention kernel's fast-path calls, those on one-row batches
+    aside (PeftModel's chunked loss checks a model's head with a one-row forward, once per model)."""
     calls = []
+    fast = attention_kernels._attention_torch
 
     def spy(q, k, v, bias, scale):
-        calls.append(tuple(q.shape))
-        return _attention_torch(q, k, v, bias, scale)
+        if q.shape[0] > 1:
+            calls.append(tuple(q.shape))
+        return fast(q, k, v, bias, scale)
 
-    register_kernel("attention", "cpu", spy)
-    yield calls
-    register_kernel("attention", "cpu", None)
+    monkeypatch.setattr(attention_kernels, "_attention_torch", spy)
+    return calls
 
 
-def lora(base, seed=1):
+@pytest.fixture(autouse=True)
+def no_model_left_routed():
+    yield
+    # Whatever a test routed is released by disable / unload or, at the latest, garbage collection:
+    # the table is transformers' again.
+    gc.collect()
+    assert not fast_attention._marked and _private_apis.global_attention_function("sdpa") is sdpa_entry()
+
+
+def sdpa_entry():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def lora(base, seed=1, route=True):
     torch.manual_seed(seed)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    if route:
+        enable_fast_attention(model)
+    return model
 
 
 def batch(vocab=64, seq=12, seed=3):
@@ -53,30 +78,64 @@ def loss_and_grads(model, data, fast=True):
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_install_and_restore_the_implementation(tmp_path):
-    base = tiny_models.llama()
+def test_get_peft_model_leaves_the_attention_as_it_was(kernel_calls, tmp_path):
+    base = tiny_models.llama().to(torch.bfloat16)
+    model = lora(base, route=False)
     assert base.config._attn_implementation == "sdpa"
-    model = lora(base)
-    assert base.config._attn_implementation == fast_attention.NAME
-    merged = model.merge_and_unload()
-    assert merged.config._attn_implementation == "sdpa"
-    merged.save_pretrained(tmp_path)
-    assert fast_attention.NAME not in (tmp_path / "config.json").read_text()
+    assert _private_apis.global_attention_function("sdpa") is sdpa_entry()
+    assert not fast_attention_enabled(model)
+    loss_and_grads(model, batch())
+    assert kernel_calls == []  # a bf16 training forward: the kernel would apply if routed
 
-    other = tiny_models.llama()
-    lora(other).unload()
-    assert other.config._attn_implementation == "sdpa"
+    lora(tiny_models.llama(), route=False).save_pretrained(tmp_path)
+    PeftModel.from_pretrained(tiny_models.llama().to(torch.bfloat16), tmp_path, is_trainable=True)
+    assert _private_apis.global_attention_function("sdpa") is sdpa_entry()
+
+
+def test_enable_routes_and_unload_merge_and_disable_undo_it(kernel_calls, tmp_path):
+    data = batch()
+    for undo in ("merge_and_unload", "unload", "disable"):
+        base = tiny_models.llama().to(torch.bfloat16)
+        model = lora(base, route=False)
+        assert enable_fast_attention(model) == 1 and fast_attention_enabled(model)
+        assert enable_fast_attention(model) == 1  # idempotent
+        assert base.config._attn_implementation == "sdpa"  # the name stays: model code testing it is unaffected
+        kernel_calls.clear()
+        loss_and_grads(model, data)
+        assert kernel_calls == [(3, 4, 12, 8)] * 2, undo
+        if undo == "disable":
+            disable_fast_attention(model)
+            plain = model
+        else:
+            plain = getattr(model, undo)()
+        assert not fast_attention_enabled(plain) and not fast_attention_enabled(model)
+        assert _private_apis.global_attention_function("sdpa") is sdpa_entry(), undo  # the table as it was
+        kernel_calls.clear()
+        plain.train()(**data)
+        assert kernel_calls == [], undo
+    base.save_pretrained(tmp_path)
+    assert "peftkit" not in (tmp_path / "config.json").read_text()
 
     eager = tiny_models.llama(attn_implementation="eager")
-    lora(eager)
-    assert eager.config._attn_implementation == "eager"  # only SDPA is rerouted
+    assert enable_fast_attention(lora(eager, route=False)) == 0  # only SDPA is rerouted
+    assert eager.config._attn_implementation == "eager" and _private_apis.global_attention_function("sdpa") is sdpa_entry()
 
 
-def test_peft_model_from_pretrained_installs_too(tmp_path):
-    lora(tiny_models.llama()).save_pretrained(tmp_path)
-    base = tiny_models.llama()
-    PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
-    assert base.config._attn_implementation == fast_attention.NAME
+def test_only_the_routed_model_takes_the_kernel(kernel_calls):
+    """The dispatcher hands other models' calls to transformers' SDPA unchanged; the table gets
+    its entry back when the last routed model is released."""
+    data = batch()
+    routed = lora(tiny_models.llama().to(torch.bfloat16))
+    other = lora(tiny_models.llama().to(torch.bfloat16), route=False)
+    assert _private_apis.global_attention_function("sdpa") is fast_attention._dispatch_sdpa
+    before = loss_and_grads(other, data)
+    assert kernel_calls == []
+    loss_and_grads(routed, data)
+    assert len(kernel_calls) == 2
+    disable_fast_attention(routed)
+    assert _private_apis.global_attention_function("sdpa") is sdpa_entry()
+    after = loss_and_grads(other, data)
+    assert torch.equal(before[0], after[0])
 
 
 def test_kernel_runs_for_bf16_train_mode_forwards_only(kernel_calls):
@@ -166,8 +225,12 @@ def test_compiled_layers_keep_the_kernel_without_graph_breaks(kernel_calls):
     compiled_model = lora(tiny_models.llama().to(torch.bfloat16))
     compile_decoder_layers(compiled_model, backend="aot_eager", fullgraph=True)  # raises on a graph break
     compiled = loss_and_grads(compiled_model, data)
-    torch._dynamo.reset()
     assert len(kernel_calls) > 2  # reached while tracing the compiled layers
+    disable_fast_attention(compiled_model)
+    kernel_calls.clear()
+    loss_and_grads(compiled_model, data)  # the compiled layers recompile (guards) onto SDPA
+    torch._dynamo.reset()
+    assert kernel_calls == []
     # Same ops in the same order (measured: identical bits); SDPA instead would differ at the
     # 1e-2 level of bf16 rounding.
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=0)
@@ -205,25 +268,35 @@ def test_reentrant_checkpointing_recomputes_through_the_same_kernel(kernel_calls
         torch.testing.assert_close(checkpointed[1][name], g, rtol=0, atol=0, msg=name)
 
 
-def test_models_that_test_the_name_sdpa_keep_it():
-    """Falcon's code branches on `_attn_implementation == "sdpa"`: a new name would send it
-    down another path, so it is left on transformers' SDPA."""
+def test_models_that_test_the_name_sdpa_keep_it(kernel_calls):
+    """Falcon's code has branched on `_attn_implementation == "sdpa"`: the name is never changed
+    (neither by get_peft_model nor by enable_fast_attention), and attaching an adapter leaves
+    its outputs bit for bit as they were."""
     from transformers import FalconConfig, FalconForCausalLM
 
     torch.manual_seed(0)
     base = FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
                                           new_decoder_architecture=False, attn_implementation="sdpa"))
+    base = base.to(torch.bfloat16).train()
+    data = batch()
+    data.pop("labels")
+    before = base(**data).logits
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))  # B = 0: the same function
     assert base.config._attn_implementation == "sdpa"
-    lora(base)
+    assert torch.equal(model(**data).logits, before)
+    assert kernel_calls == []
+    enable_fast_attention(model)
     assert base.config._attn_implementation == "sdpa"
+    model.unload()
+    assert torch.equal(base(**data).logits, before)
 
 
 def test_fp32_float_mask_on_a_bf16_model_stays_finite(kernel_calls):
     """fp32's lowest value rounds to -inf in bf16; a fully masked query row must still give a
     finite output (not the NaN of softmax over -inf only)."""
     module = torch.nn.Module().train()
-    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    mask = torch.zeros(1, 1, 4, 4)
+    q, k, v = (torch.randn(2, 2, 4, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 1, 4, 4)
     mask[0, 0, 1] = torch.finfo(torch.float32).min  # query 1 sees no key
     out, _ = fast_attention.peftkit_sdpa_attention(module, q, k, v, mask, is_causal=False)
     assert len(kernel_calls) == 1 and torch.isfinite(out).all()

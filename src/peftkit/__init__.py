@@ -1,5 +1,6 @@
 """peftkit: parameter-efficient fine-tuning with PEFT-compatible adapters."""
 from .config import PeftConfig, TaskType
+from .fast_attention import disable_fast_attention, enable_fast_attention, fast_attention_enabled
 from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -12,7 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "PromptTuningConfig",
-    "PromptTuningInit", "PrefixTuningConfig", "PeftModel", "get_peft_model",
+    "PromptTuningInit", "PrefixTuningConfig", "PeftModel", "get_peft_model", "enable_fast_attention",
+    "disable_fast_attention", "fast_attention_enabled",
 ]
 # The training loop (it pulls in accelerate) is imported on its own:
 #     from peftkit.train import TrainConfig, train

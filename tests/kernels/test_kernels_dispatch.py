@@ -1,4 +1,4 @@
-"""The fast-path switch and the per-device kernel registry."""
+"""The fast-path switches: one per op and one over all of them."""
 from __future__ import annotations
 
 import importlib
@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from peftkit.kernels import (
+    FAST_PATHS,
+    attention,
+    attention_reference,
     dora_weight_norm,
     dora_weight_norm_reference,
     fast_paths,
@@ -15,7 +18,7 @@ from peftkit.kernels import (
     linear_cross_entropy_reference,
     lora_linear,
     lora_linear_reference,
-    register_kernel,
+    set_fast_path,
     set_fast_paths,
 )
 
@@ -54,59 +57,57 @@ def test_disabled_switch_runs_the_reference():
         set_fast_paths(True)
 
 
-def test_registered_kernel_is_used_only_with_fast_paths():
-    calls = []
-
-    def spy_lora(*args):
-        calls.append("lora_linear")
-        return lora_linear_reference(*args[:-1])  # drop dropout_seed (None) — same math
-
-    def spy_ce(*args):
-        calls.append("linear_cross_entropy")
-        return linear_cross_entropy_reference(*args)
-
-    def spy_dora(*args):
-        calls.append("dora_weight_norm")
-        return dora_weight_norm_reference(*args)
-
-    spies = {"lora_linear": spy_lora, "linear_cross_entropy": spy_ce, "dora_weight_norm": spy_dora}
+def test_each_op_has_its_own_switch():
     x, w, b, A, B = lora_args()
-    h, labels = torch.randn(4, 8), torch.tensor([1, 2, -100, 0])
+    h, labels = torch.randn(4, 8, requires_grad=True), torch.tensor([1, 2, -100, 0])
+    q = k = v = torch.randn(1, 2, 3, 4)
+    assert all(fast_paths_enabled(op) for op in FAST_PATHS)
+    with fast_paths(False, "lora_linear", "attention"):
+        assert not fast_paths_enabled("lora_linear") and not fast_paths_enabled("attention")
+        assert fast_paths_enabled("linear_cross_entropy") and fast_paths_enabled()
+        assert type(lora_linear(x, w, b, A, B, 1.0).grad_fn) is type(lora_linear_reference(x, w, b, A, B, 1.0).grad_fn)
+        assert "LinearCrossEntropyFn" in type(linear_cross_entropy(h, w, labels).grad_fn).__name__
+        assert torch.equal(attention(q, k, v), attention_reference(q, k, v, None, 4 ** -0.5))
+    assert all(fast_paths_enabled(op) for op in FAST_PATHS)
+    set_fast_path("dora_weight_norm", False)
     try:
-        for op, fn in spies.items():
-            register_kernel(op, "cpu", fn)
-        lora_linear(x, w, b, A, B, 1.0)
-        linear_cross_entropy(h, w, labels)
-        dora_weight_norm(w, A, B, 1.0)
-        assert calls == ["lora_linear", "linear_cross_entropy", "dora_weight_norm"]
-        with fast_paths(False):
-            lora_linear(x, w, b, A, B, 1.0)
-            linear_cross_entropy(h, w, labels)
-            dora_weight_norm(w, A, B, 1.0)
-        assert len(calls) == 3
+        assert not fast_paths_enabled("dora_weight_norm")
+        with fast_paths(False):  # the global switch wins over the ops' own
+            assert not fast_paths_enabled("lora_linear")
+        assert torch.equal(dora_weight_norm(w, A, B, 1.0), dora_weight_norm_reference(w, A, B, 1.0))
     finally:
-        for op in spies:
-            register_kernel(op, "cpu", None)
-    lora_linear(x, w, b, A, B, 1.0)
-    assert len(calls) == 3
+        set_fast_path("dora_weight_norm", True)
 
 
-def test_registry_rejects_unknown_names():
-    with pytest.raises(ValueError, match="Unknown kernel op 'lora'.*'lora_linear'"):
-        register_kernel("lora", "cuda", lambda *a: None)
-    with pytest.raises(ValueError, match="device_type must be a device type.*got 'cuda:0'"):
-        register_kernel("lora_linear", "cuda:0", lambda *a: None)
+def test_switches_reject_unknown_names():
+    with pytest.raises(ValueError, match="unknown fast path 'lora'; the fast paths are .*'lora_linear'"):
+        set_fast_path("lora", False)
+    with pytest.raises(ValueError, match="unknown fast path 'attn'"):
+        fast_paths_enabled("attn")
+    with pytest.raises(ValueError, match="unknown fast path 'attn'"):
+        with fast_paths(False, "attn"):
+            pass
     with pytest.raises(TypeError, match="set_fast_paths expects a bool, got 0"):
         set_fast_paths(0)
+    with pytest.raises(TypeError, match="set_fast_path\\('attention', ...\\) expects a bool, got 'off'"):
+        set_fast_path("attention", "off")
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("0", False), ("off", False), ("1", True), ("Yes", True), ("", True)])
 def test_environment_variable(monkeypatch, raw, expected):
     monkeypatch.setenv("PEFTKIT_FAST_PATHS", raw)
-    assert dispatch._initial_state() is expected
+    assert dispatch._initial_state() == (expected, dict.fromkeys(FAST_PATHS, True))
 
 
-def test_environment_variable_typo(monkeypatch):
-    monkeypatch.setenv("PEFTKIT_FAST_PATHS", "maybe")
-    with pytest.raises(ValueError, match="PEFTKIT_FAST_PATHS='maybe' is not understood"):
+def test_environment_variable_per_op(monkeypatch):
+    monkeypatch.setenv("PEFTKIT_FAST_PATHS", " -attention, -lora_linear,+dora_weight_norm")
+    enabled, ops = dispatch._initial_state()
+    assert enabled and ops == {"lora_linear": False, "linear_cross_entropy": True, "dora_weight_norm": True,
+                               "attention": False}
+
+
+@pytest.mark.parametrize("raw", ["maybe", "-attn", "attention,-lora_linear", "-attention,"])
+def test_environment_variable_typo(monkeypatch, raw):
+    monkeypatch.setenv("PEFTKIT_FAST_PATHS", raw)
+    with pytest.raises(ValueError, match="PEFTKIT_FAST_PATHS=.* is not understood"):
         dispatch._initial_state()

@@ -7,19 +7,21 @@
   materialising the full logits.
 - `dora_weight_norm`: DoRA's row norm of W + s·B A without forming that matrix.
 - `attention`: softmax(q kᵀ · scale + bias) v for training-length sequences as per-batch
-  GEMMs with the probabilities kept (CPU: ~0.5x SDPA's time up to 512 keys); `peftkit.fast_attention`
-  routes a transformers model's SDPA calls to it in train mode, bf16/fp16, on CPU.
+  GEMMs with the probabilities kept (CPU: ~0.5x SDPA's time up to 512 keys);
+  `peftkit.enable_fast_attention(model)` (opt-in; peftkit's training loop turns it on) routes
+  a transformers model's SDPA calls to it in train mode, bf16/fp16, on CPU.
 - `compile_decoder_layers` (in `kernels.compile`): torch.compile on each decoder layer.
 
 Large fp32 matmuls of the fast paths run on oneDNN on x86 CPUs (`_gemm.linear_nt`: ~2.3x
 MKL's sgemm on AMD CPUs, where MKL uses its AVX2 code).
 
-`set_fast_paths(False)` (or `with fast_paths(False):`, or PEFTKIT_FAST_PATHS=0 in the
-environment) routes every op to its reference; PEFTKIT_NATIVE_KERNELS=0 keeps the fast
-paths but runs the C kernels' torch form (bit-identical); `register_kernel` plugs in a
-device-specific kernel (e.g. Triton for "cuda") behind the same call.
+Each op has its own switch: `set_fast_path("attention", False)` (or
+`with fast_paths(False, "attention"):`, or PEFTKIT_FAST_PATHS=-attention in the environment)
+runs that op's reference; `set_fast_paths(False)` (`with fast_paths(False):`,
+PEFTKIT_FAST_PATHS=0) every op's. PEFTKIT_NATIVE_KERNELS=0 keeps the fast paths but runs the
+C kernels' torch form (bit-identical).
 """
-from ._dispatch import fast_paths, fast_paths_enabled, register_kernel, set_fast_paths
+from ._dispatch import OPS as FAST_PATHS, fast_paths, fast_paths_enabled, set_fast_path, set_fast_paths
 from .compile import compile_decoder_layers, find_decoder_layers
 from .cross_entropy import (
     auto_chunk_rows,
@@ -44,6 +46,7 @@ __all__ = [
     "dora_weight_norm",
     "dora_weight_norm_reference",
     "dropout_keep_mask",
+    "FAST_PATHS",
     "fast_paths",
     "fast_paths_enabled",
     "find_decoder_layers",
@@ -51,7 +54,7 @@ __all__ = [
     "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
-    "register_kernel",
+    "set_fast_path",
     "set_fast_paths",
     "weight_row_sq_norm",
 ]

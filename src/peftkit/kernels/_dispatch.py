@@ -1,10 +1,23 @@
-"""The fast-path switch and the per-op, per-device kernel registry.
+"""The fast-path switches: one per op, and one over all of them.
 
-Every public op in `peftkit.kernels` routes through `select()`: with fast paths disabled it
-runs the plain reference implementation; otherwise a kernel registered for the tensor's device
-type (e.g. a Triton kernel for "cuda") wins over the portable torch implementation. The switch
-is process-global (not thread-local) and is read at call time, so flipping it takes effect on
-the next call; torch.compile guards on it and recompiles if it changes.
+Every public op in `peftkit.kernels` routes through `select()`: with its switch off (or the
+global one) it runs the plain reference implementation, else the fast one. The ops:
+
+- "lora_linear": the fused LoRA autograd op (`kernels.lora_linear`);
+- "linear_cross_entropy": the chunked lm_head + cross-entropy (`kernels.linear_cross_entropy`,
+  and the fused loss of the training loop);
+- "dora_weight_norm": DoRA's norm without forming the weight (`kernels.dora_weight_norm`);
+- "attention": the attention kernel (`kernels.attention`, and the models routed to it by
+  `peftkit.enable_fast_attention`).
+
+The C dropout kernels have their own switch, PEFTKIT_NATIVE_KERNELS (`_native`): they are the
+same mask, computed faster, not another path.
+
+The switches are process-global (not thread-local) and read at call time, so flipping one
+takes effect on the next call; torch.compile guards on them and recompiles if they change.
+In the environment, PEFTKIT_FAST_PATHS sets them at import: an on/off word for all of them
+(`0`: every reference path), or a comma-separated list of ops each prefixed by `-` (off) or
+`+` (on), e.g. `PEFTKIT_FAST_PATHS=-attention,-lora_linear`.
 """
 from __future__ import annotations
 
@@ -33,62 +46,85 @@ def env_switch(name: str) -> bool:
     )
 
 
-def _initial_state() -> bool:
-    # PEFTKIT_FAST_PATHS=0 selects the reference paths for a whole run without code changes.
-    return env_switch("PEFTKIT_FAST_PATHS")
+def _initial_state() -> tuple[bool, dict[str, bool]]:
+    """(the global switch, each op's switch) from PEFTKIT_FAST_PATHS."""
+    raw = os.environ.get("PEFTKIT_FAST_PATHS", "1").strip().lower()
+    ops = dict.fromkeys(OPS, True)
+    if raw in _TRUE_WORDS or raw in _FALSE_WORDS:
+        return raw in _TRUE_WORDS, ops
+    for item in (part.strip() for part in raw.split(",")):
+        sign, op = item[:1], item[1:].strip()
+        if sign not in ("-", "+") or op not in OPS:
+            raise ValueError(
+                f"PEFTKIT_FAST_PATHS={raw!r}: {item!r} is not understood; use an on/off word "
+                f"({sorted(_TRUE_WORDS - {''})} or {sorted(_FALSE_WORDS)}) or a comma-separated list of "
+                f"'-op' (off) / '+op' (on) with op one of {list(OPS)}"
+            )
+        ops[op] = sign == "+"
+    return True, ops
 
 
-_enabled: bool = _initial_state()
-_kernels: dict[tuple[str, str], Callable] = {}
+_enabled, _op_enabled = _initial_state()
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown fast path {op!r}; the fast paths are {list(OPS)}")
 
 
 def set_fast_paths(enabled: bool) -> None:
-    """Select the fast kernels (True, the default) or the plain reference paths (False)."""
+    """All fast paths at once: on (True, the default; each op's own switch still applies) or
+    off (False: every op runs its plain reference path)."""
     global _enabled
     if not isinstance(enabled, bool):
         raise TypeError(f"set_fast_paths expects a bool, got {enabled!r}")
     _enabled = enabled
 
 
-def fast_paths_enabled() -> bool:
-    """Whether the ops in `peftkit.kernels` currently use their fast implementations."""
-    return _enabled
+def set_fast_path(op: str, enabled: bool) -> None:
+    """One op's fast path on (True, the default) or off (False: its reference path), `op` one
+    of `OPS`. Takes effect only while the global switch (`set_fast_paths`) is on."""
+    _check_op(op)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_fast_path({op!r}, ...) expects a bool, got {enabled!r}")
+    _op_enabled[op] = enabled
+
+
+def fast_paths_enabled(op: str | None = None) -> bool:
+    """Whether `op` (one of `OPS`) uses its fast path now: its switch and the global one are
+    on. Without `op`, the global switch alone."""
+    if op is None:
+        return _enabled
+    _check_op(op)
+    return _enabled and _op_enabled[op]
 
 
 @contextmanager
-def fast_paths(enabled: bool) -> Iterator[None]:
-    """Context manager form of `set_fast_paths`; restores the previous setting on exit."""
-    previous = _enabled
-    set_fast_paths(enabled)
+def fast_paths(enabled: bool, *ops: str) -> Iterator[None]:
+    """Context manager form of `set_fast_paths` (no `ops`) or of `set_fast_path` for each of
+    `ops`, e.g. `with fast_paths(False, "attention"):`; restores the previous settings on exit."""
+    global _enabled
+    for op in ops:
+        _check_op(op)
+    previous = (_enabled, dict(_op_enabled))
     try:
+        if ops:
+            for op in ops:
+                set_fast_path(op, enabled)
+        else:
+            set_fast_paths(enabled)
         yield
     finally:
-        set_fast_paths(previous)
-
-
-def register_kernel(op: str, device_type: str, fn: Callable | None) -> None:
-    """Use `fn` for `op` on tensors of `device_type` ("cuda", "cpu", ...) when fast paths are on.
-
-    `fn` takes the op's public arguments (all of them, keyword-complete, in the public order)
-    and must match the reference numerically; pass None to remove a registration.
-    """
-    if op not in OPS:
-        raise ValueError(f"Unknown kernel op {op!r}; ops that accept kernels: {list(OPS)}")
-    if not isinstance(device_type, str) or not device_type or ":" in device_type:
-        raise ValueError(
-            f"device_type must be a device type such as 'cuda' or 'cpu' (no index), got {device_type!r}"
-        )
-    if fn is None:
-        _kernels.pop((op, device_type), None)
-    else:
-        _kernels[(op, device_type)] = fn
+        _enabled = previous[0]
+        _op_enabled.update(previous[1])
 
 
 def select(op: str, device_type: str, portable: Callable, reference: Callable) -> Callable:
-    """The implementation of `op` to run now for a tensor on `device_type`."""
-    if not _enabled:
-        return reference
-    return _kernels.get((op, device_type), portable)
+    """The implementation of `op` to run now: `portable` (the fast path) or `reference`.
+
+    `device_type` is unused (kept for the callers' signature; no op has a device-specific
+    kernel yet)."""
+    return portable if _enabled and _op_enabled[op] else reference
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

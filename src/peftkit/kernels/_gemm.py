@@ -4,8 +4,7 @@ On x86 CPUs, torch's fp32 `mm` calls MKL's sgemm, which runs its AVX2 code on no
 (measured on an AMD EPYC with AVX-512: ~100 GFLOP/s per core); oneDNN's fp32 matmul, which torch
 also ships, uses AVX-512 there (~230 GFLOP/s, benchmarks/README.md). Both compute in fp32 with
 fp32 accumulation, so results differ only in summation order. bf16 `mm` already goes through
-oneDNN, other dtypes and devices stay on `torch.mm` (a registered device kernel replaces the
-whole op, not this helper).
+oneDNN, other dtypes and devices stay on `torch.mm`.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Fields that may differ between a run and its resumption without changing what is trained.
-RESUME_NEUTRAL_FIELDS = frozenset({"resume_from", "progress", "tensorboard", "log_every", "output_dir", "compile"})
+RESUME_NEUTRAL_FIELDS = frozenset({"resume_from", "progress", "tensorboard", "log_every", "output_dir", "compile",
+                                   "fast_attention"})
 
 
 class TrainConfigError(ValueError):
@@ -65,6 +66,9 @@ class TrainConfig:
     resume_from: str | None = None  # "latest", a checkpoint folder, or None
     lora_plus_ratio: float | None = None  # LoRA+: B matrices learn at lr * ratio (e.g. 16)
     compile: bool = False  # torch.compile each decoder layer (faster steps after a compile warm-up)
+    # peftkit's attention kernel for the run's SDPA attention (peftkit.enable_fast_attention;
+    # where it applies: CPU, bf16/fp16, train mode); the model gets its own attention back after.
+    fast_attention: bool = True
 
     # ---- validation -------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from accelerate.utils import broadcast, set_seed
 
+from ..fast_attention import disable_fast_attention, enable_fast_attention, fast_attention_enabled
 from ..kernels.compile import compile_decoder_layers
 from .checkpoint import (
     describe_changes,
@@ -97,6 +98,12 @@ def train(
     undo_checkpointing = enable_gradient_checkpointing(model) if config.gradient_checkpointing else None
     if config.compile:
         compile_decoder_layers(model)  # stays compiled after the run; compiles on the first step
+    # The attention kernel for this run only: the model comes back computing as it came.
+    routed_before = fast_attention_enabled(model)
+    if config.fast_attention:
+        enable_fast_attention(model)
+    else:
+        disable_fast_attention(model)
     try:
         model.train()
         optimizer = (optimizer_fn or build_optimizer)(model, config)
@@ -240,6 +247,8 @@ def train(
         model.train(was_training)
         if undo_checkpointing is not None:
             undo_checkpointing()
+        if routed_before != config.fast_attention:
+            (enable_fast_attention if routed_before else disable_fast_attention)(model)
     return TrainResult(
         global_step=state.global_step,
         epoch=summary["epoch"],
