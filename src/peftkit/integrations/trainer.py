@@ -31,30 +31,19 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's adapter does not fit the model being trained (missing or extra tensors)."""
 
 
-class Trainer(transformers.Trainer):
-    """A `transformers.Trainer` for a peftkit `PeftModel`; every argument is Trainer's.
+class AdapterCheckpoints:
+    """Mixin for a `transformers.Trainer` subclass (also TRL's trainers) training a peftkit
+    `PeftModel`: checkpoints and `save_model()` write only the adapter (PEFT format);
+    `resume_from_checkpoint` and `load_best_model_at_end` load it in place."""
 
-    Differences from the stock Trainer: checkpoints and `save_model()` write only the adapter
-    (PEFT format, loadable with `peftkit.PeftModel.from_pretrained` or `peft.PeftModel`);
-    `resume_from_checkpoint` and `load_best_model_at_end` load the adapter in place; label
-    smoothing shifts labels for causal LMs as Trainer does for `peft` models.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _require_unsharded(self) -> None:
         _require_peft_model(self.model)
         if self.is_fsdp_enabled:
             raise ValueError(
-                "peftkit.integrations.Trainer does not support FSDP: it saves and loads the adapter of the "
-                "local, unsharded model. Use DDP or DeepSpeed ZeRO-1/2, or transformers.Trainer (full-model "
-                "checkpoints)"
+                f"peftkit.integrations.{type(self).__name__} does not support FSDP: it saves and loads the adapter "
+                "of the local, unsharded model. Use DDP or DeepSpeed ZeRO-1/2, or transformers.Trainer "
+                "(full-model checkpoints)"
             )
-        if self.label_smoother is not None and _is_causal_lm(self.model.get_base_model()):
-            # Trainer picks the label shift from the model's class name, which for a peftkit
-            # wrapper is not a causal-LM name; without the shift each position would be
-            # scored against its own token instead of the next one.
-            self.label_smoother = _ShiftingLabelSmoother(self.label_smoother.epsilon,
-                                                         self.label_smoother.ignore_index)
 
     def _peft_model(self, model: nn.Module | None = None) -> PeftModel:
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model, keep_torch_compile=False)
@@ -98,6 +87,26 @@ class Trainer(transformers.Trainer):
         if self.is_deepspeed_enabled or not has_adapter_files(best, peft_model):  # DeepSpeed: its engine files
             return super()._load_best_model()
         load_adapters_in_place(peft_model, best)
+
+
+class Trainer(AdapterCheckpoints, transformers.Trainer):
+    """A `transformers.Trainer` for a peftkit `PeftModel`; every argument is Trainer's.
+
+    Differences from the stock Trainer: checkpoints and `save_model()` write only the adapter
+    (PEFT format, loadable with `peftkit.PeftModel.from_pretrained` or `peft.PeftModel`);
+    `resume_from_checkpoint` and `load_best_model_at_end` load the adapter in place; label
+    smoothing shifts labels for causal LMs as Trainer does for `peft` models.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._require_unsharded()
+        if self.label_smoother is not None and _is_causal_lm(self.model.get_base_model()):
+            # Trainer picks the label shift from the model's class name, which for a peftkit
+            # wrapper is not a causal-LM name; without the shift each position would be
+            # scored against its own token instead of the next one.
+            self.label_smoother = _ShiftingLabelSmoother(self.label_smoother.epsilon,
+                                                         self.label_smoother.ignore_index)
 
 
 def _require_peft_model(model: nn.Module) -> None:
