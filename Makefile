@@ -4,13 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench constraints clean
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt pins every dependency to the versions the suite last passed with.
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -23,6 +24,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py
+
+constraints: setup
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) out runs

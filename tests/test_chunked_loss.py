@@ -206,7 +206,9 @@ def test_refuses_without_labels_or_with_fast_paths_off():
     batch = make_batch()
     assert model.chunked_loss_blocker(batch) is None
     with fast_paths(False):
-        assert "fast paths" in model.chunked_loss_blocker(batch)
+        assert "fast path is off" in model.chunked_loss_blocker(batch)
+    with fast_paths(False, "linear_cross_entropy"):
+        assert "linear_cross_entropy" in model.chunked_loss_blocker(batch)
     assert "labels" in model.chunked_loss_blocker({k: v for k, v in batch.items() if k != "labels"})
     model.chunked_loss = False
     assert "chunked_loss is False" in model.chunked_loss_blocker(batch)

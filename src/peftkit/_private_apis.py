@@ -388,3 +388,17 @@ def _deepspeed_zero() -> None:
         text = _source_of(module)
         for needle in (flat, "self._hp_optimizer_states_linked", "def _lazy_init_hp_params_optimizer_state(self)"):
             _expect(needle in text, f"{module} has no {needle!r}")
+
+
+# --- TRL (optional) ----------------------------------------------------------------------------------------
+@_api("trl.trainer.sft_trainer.add_fused_lm_head", "trl",
+      "SFTTrainer.__init__ calls the module global add_fused_lm_head(model, ...) on the model it trains; "
+      "peftkit's SFTTrainer swaps it for the call's duration to patch the transformers model inside the wrapper",
+      "src/peftkit/integrations/trl.py", optional=True)
+def _trl_fused_lm_head() -> None:
+    from trl.trainer import sft_trainer
+
+    _expect(callable(getattr(sft_trainer, "add_fused_lm_head", None)), "trl.trainer.sft_trainer has no add_fused_lm_head")
+    _expect(_params(sft_trainer.add_fused_lm_head)[:1] == ["model"],
+            f"add_fused_lm_head parameters are {_params(sft_trainer.add_fused_lm_head)}")
+    _expect("add_fused_lm_head(" in _source_of("trl.trainer.sft_trainer"), "SFTTrainer no longer calls add_fused_lm_head")

@@ -49,8 +49,9 @@ def split_blocker(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
     model: the transformers causal LM (adapters injected); batch: its forward's keyword
     arguments with `labels`.
     """
-    if not kernels.fast_paths_enabled():
-        return "fast paths are disabled (kernels.set_fast_paths(False) or PEFTKIT_FAST_PATHS=0)"
+    if not kernels.fast_paths_enabled("linear_cross_entropy"):
+        return ("the linear_cross_entropy fast path is off (kernels.set_fast_path('linear_cross_entropy', False), "
+                "set_fast_paths(False) or PEFTKIT_FAST_PATHS)")
     if batch.get("labels") is None:
         return "no labels were given"
     try:
