@@ -22,6 +22,10 @@ class TaskType:
 
 CONFIG_NAME = "adapter_config.json"
 
+# The label of a position that is not trained (torch cross-entropy's ignore_index), shared by
+# the data pipeline, the losses and the chunked lm_head loss.
+IGNORE_INDEX = -100
+
 # Fields PEFT writes that carry no meaning for the methods peftkit implements (or that are
 # only informational). Any other unknown field with a non-empty value is refused on load,
 # because silently dropping it could change the adapter's outputs.
@@ -40,9 +44,17 @@ class PeftConfig:
     """Fields every adapter method shares. Subclasses set `peft_type` and add their own."""
 
     peft_type: ClassVar[str] = ""
+    # peft_type -> config class, filled as each method's config class is defined, so that
+    # from_dict finds a saved adapter's class without importing the methods (a layer above).
+    _classes: ClassVar[dict[str, type]] = {}
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.peft_type:
+            PeftConfig._classes.setdefault(cls.peft_type, cls)  # a user's subclass does not replace the method's
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -81,9 +93,9 @@ class PeftConfig:
         peft_type = data.pop("peft_type", None) or cls.peft_type
         target_cls = cls
         if peft_type and peft_type != cls.peft_type:
-            from .methods import get_method
-
-            target_cls = get_method(peft_type).config_cls
+            if peft_type not in PeftConfig._classes:
+                raise ConfigError(f"Unknown peft_type {peft_type!r}; peftkit supports {sorted(PeftConfig._classes)}")
+            target_cls = PeftConfig._classes[peft_type]
         known = {f.name for f in dataclasses.fields(target_cls)}
         unsupported = [
             f"{key}={value!r}"

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from . import kernels
+from .config import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 # Config attributes of architectures that transform the logits after the lm_head (Gemma 2/3
 # soft-capping, Cohere's logit_scale, Granite's logits_scaling, muP-style multipliers, ...).

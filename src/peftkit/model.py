@@ -11,7 +11,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .checkpoint import SAFETENSORS_NAME, LoadReport, collect_adapter_state, load_adapter_weights, read_safetensors
+from .checkpoint import (SAFETENSORS_NAME, LoadReport, collect_adapter_state, collect_prompt_learning_state,
+                         load_adapter_weights, load_prompt_learning_weights, read_safetensors, trained_bias_params)
 from .checkpoint.io import write_safetensors
 from .checkpoint.sharded import gather_full
 from . import fast_attention
@@ -19,7 +20,6 @@ from .config import PeftConfig, TaskType
 from .injection import add_modules_to_save, adapter_layers, eject_layers, inject_adapter
 from .methods import get_method
 from .methods.base import ModulesToSaveWrapper
-from .methods.prompt_tuning.learning import load_prompt_learning_state, prompt_learning_state
 from .targeting import SEQ_CLS_HEAD_NAMES
 from . import lm_head_split
 
@@ -203,9 +203,7 @@ class PeftModel(nn.Module):
             encoder.requires_grad_(trainable and name == self.active_adapter)
         bias = getattr(config, "bias", "none")
         if bias != "none":
-            from .checkpoint.keys import _bias_params
-
-            for _, param in _bias_params(self.base_model, bias):
+            for _, param in trained_bias_params(self.base_model, bias):
                 param.requires_grad_(trainable)
 
     @contextlib.contextmanager
@@ -287,7 +285,8 @@ class PeftModel(nn.Module):
         """One adapter's tensors under their PEFT keys."""
         name = adapter_name or self.active_adapter
         if name in self.prompt_encoder:
-            return prompt_learning_state(self.base_model, self.prompt_encoder[name], name)
+            embeddings = self.prompt_encoder[name].saved_embeddings().detach().cpu()
+            return collect_prompt_learning_state(self.base_model, name, embeddings)
         return collect_adapter_state(self.base_model, name, getattr(self.peft_config[name], "bias", "none"))
 
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
@@ -337,7 +336,9 @@ class PeftModel(nn.Module):
         """Copy `state` (PEFT keys) into the existing adapter in place, so that optimizer state
         that refers to its parameters stays valid; returns missing / unexpected keys."""
         if adapter_name in self.prompt_encoder:
-            report = load_prompt_learning_state(self.base_model, self.prompt_encoder[adapter_name], adapter_name, state)
+            report, embeddings = load_prompt_learning_weights(self.base_model, adapter_name, state)
+            if embeddings is not None:
+                self.prompt_encoder[adapter_name].load_saved_embeddings(embeddings)
         else:
             bias = getattr(self.peft_config[adapter_name], "bias", "none")
             report = load_adapter_weights(self.base_model, adapter_name, state, bias)

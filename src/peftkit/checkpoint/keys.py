@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..methods.base import AdapterLayer, ModulesToSaveWrapper
+from .layer_protocol import SavedAdapterLayer
 
 PREFIX = "base_model.model."
 
@@ -32,21 +32,22 @@ class LoadReport:
 
 def _adapter_layers(model: nn.Module):
     for path, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, SavedAdapterLayer):
             yield path, module
 
 
-def _bias_params(model: nn.Module, bias: str):
+def trained_bias_params(model: nn.Module, bias: str):
     """(path, tensor) of biases that are trained under PEFT's `bias` setting."""
     if bias == "all":
-        copies = [path + "." for path, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        copies = [path + "." for path, m in model.named_modules()
+                  if isinstance(m, SavedAdapterLayer) and m.saves_whole_module]
         for path, module in model.named_modules():
             b = module._parameters.get("bias")
             if b is not None and not any(path.startswith(c) for c in copies):
                 yield f"{path}.bias", b
     elif bias == "lora_only":
         for path, layer in _adapter_layers(model):
-            if isinstance(layer, ModulesToSaveWrapper):
+            if layer.saves_whole_module:
                 continue  # a whole-module copy is trained and saved by itself
             b = getattr(layer.base_layer, "bias", None)
             if isinstance(b, nn.Parameter):
@@ -61,7 +62,7 @@ def collect_adapter_state(model: nn.Module, adapter_name: str, bias: str = "none
     for path, layer in _adapter_layers(model):
         for local, tensor in layer.adapter_state(adapter_name).items():
             state[f"{PREFIX}{path}.{local}"] = tensor
-    for path, tensor in _bias_params(model, bias):
+    for path, tensor in trained_bias_params(model, bias):
         state[f"{PREFIX}{path}"] = tensor.data
     state.update(extra or {})
     return state
@@ -87,7 +88,7 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state: dict[str, t
         report.missing_keys += [prefix + k for k in layer.load_adapter_state(adapter_name, local, where=path)]
         _load_saved_embedding_base(layer, prefix, remaining)
     with torch.no_grad():
-        for path, tensor in _bias_params(model, bias):
+        for path, tensor in trained_bias_params(model, bias):
             key = f"{PREFIX}{path}"
             if key in remaining:
                 _copy_checked(tensor, remaining.pop(key), key)
@@ -102,7 +103,7 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state: dict[str, t
     return report
 
 
-def _load_saved_embedding_base(layer: AdapterLayer, prefix: str, remaining: dict) -> None:
+def _load_saved_embedding_base(layer: SavedAdapterLayer, prefix: str, remaining: dict) -> None:
     """PEFT saves the whole embedding matrix next to an embedding adapter (`base_layer.weight`),
     for vocabularies resized during fine-tuning; load it into the base layer."""
     key = f"{prefix}base_layer.weight"
@@ -116,3 +117,40 @@ def _copy_checked(target: torch.Tensor, source: torch.Tensor, key: str) -> None:
         raise ValueError(f"Shape mismatch for {key}: the model expects {tuple(target.shape)} "
                          f"but the adapter file has {tuple(source.shape)}")
     target.data.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+# --- prompt learning -----------------------------------------------------------------------------
+PROMPT_KEY = "prompt_embeddings"
+# PEFT's prompt-learning models wrap the transformers model directly (no tuner in between), so
+# modules_to_save copies are saved as `base_model.<path>` rather than `base_model.model.<path>`.
+PROMPT_LEARNING_PREFIX = "base_model."
+
+
+def _to_layer_key(key: str) -> str:
+    return PREFIX + key[len(PROMPT_LEARNING_PREFIX):] if key.startswith(PROMPT_LEARNING_PREFIX) else key
+
+
+def _to_prompt_key(key: str) -> str:
+    return PROMPT_LEARNING_PREFIX + key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def collect_prompt_learning_state(model: nn.Module, adapter_name: str, embeddings: torch.Tensor) -> dict:
+    """One prompt-learning adapter's tensors under PEFT's keys: `prompt_embeddings` plus any
+    modules_to_save copy (e.g. the classifier head, as `base_model.classifier.weight`)."""
+    state = {_to_prompt_key(k): v for k, v in collect_adapter_state(model, adapter_name).items()}
+    state[PROMPT_KEY] = embeddings
+    return state
+
+
+def load_prompt_learning_weights(model: nn.Module, adapter_name: str,
+                                 state: dict) -> tuple[LoadReport, torch.Tensor | None]:
+    """Copy a PEFT prompt-learning state's modules_to_save copies into the model; returns the
+    report (missing and unexpected keys in the file's spelling; shape mismatches raise) and the
+    saved `prompt_embeddings` (None when missing) for the encoder to load."""
+    layers = {_to_layer_key(k): v for k, v in state.items() if k != PROMPT_KEY}
+    report = load_adapter_weights(model, adapter_name, layers)
+    report.missing_keys = [_to_prompt_key(k) for k in report.missing_keys]
+    report.unexpected_keys = sorted(_to_prompt_key(k) for k in report.unexpected_keys)
+    if PROMPT_KEY not in state:
+        report.missing_keys.append(PROMPT_KEY)
+    return report, state.get(PROMPT_KEY)

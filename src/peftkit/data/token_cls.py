@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 
 from .errors import DataError, RowError
 from .formats import row_problem
-from .tokenization import IGNORE_INDEX, TokenizedRow
+from ..config import IGNORE_INDEX
+from .rows import TokenizedRow
 
 
 def check_fast_tokenizer(tokenizer: Any) -> None:

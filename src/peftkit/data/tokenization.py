@@ -5,28 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..config import IGNORE_INDEX
 from .chat import chat_mask, chat_texts
 from .errors import DataError, RowError
 from .formats import alpaca_prompt, normalize_label, row_problem
+from .rows import TokenizedRow
+from .token_cls import check_fast_tokenizer, tokenize_word_rows
 
-IGNORE_INDEX = -100  # label of a position that is not trained (torch cross-entropy's ignore_index)
-
-
-@dataclass
-class TokenizedRow:
-    """input_ids [n]; labels [n] (causal-lm, token-cls), [m] target ids (seq2seq) or a class index (seq-cls)."""
-
-    input_ids: list[int]
-    labels: list[int] | int
-    truncated: bool = False
-    dropped: bool = False
-
-    @property
-    def trained_tokens(self) -> int:
-        if isinstance(self.labels, int):
-            return 0
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
-
+__all__ = ["IGNORE_INDEX", "RowTokenizer", "TokenizedRow"]
 
 class RowTokenizer:
     """Turns checked rows of one format into `TokenizedRow`s for one task.
@@ -58,8 +44,6 @@ class RowTokenizer:
         self.label_all_subwords = label_all_subwords
         self.eos_id = tokenizer.eos_token_id
         if task == "token-cls":
-            from .token_cls import check_fast_tokenizer  # it imports this module
-
             check_fast_tokenizer(tokenizer)
         if add_eos and task in ("causal-lm", "seq2seq") and self.eos_id is None:
             raise DataError(
@@ -77,8 +61,6 @@ class RowTokenizer:
     def tokenize_batch(self, rows: list[dict[str, Any]]) -> list[TokenizedRow | RowError]:
         """Tokenize rows with one tokenizer call per kind of text; a bad row yields its `RowError`."""
         if self.task == "token-cls":
-            from .token_cls import tokenize_word_rows
-
             assert self.label_index is not None
             return tokenize_word_rows(self.tokenizer, rows, self.label_index, max_length=self.max_length,
                                       overflow=self.overflow, label_all_subwords=self.label_all_subwords,

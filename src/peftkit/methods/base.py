@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..checkpoint import SavedAdapterLayer
 
-class AdapterLayer(nn.Module):
+
+class AdapterLayer(SavedAdapterLayer):
     """Wraps a frozen module and adds parameters for one or more named adapters.
 
     Subclasses list the containers (ModuleDict / ParameterDict attributes) that hold per-adapter
@@ -151,6 +153,7 @@ class ModulesToSaveWrapper(AdapterLayer):
     """
 
     adapter_containers = ("modules_to_save",)
+    saves_whole_module = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
         super().__init__(base_layer)

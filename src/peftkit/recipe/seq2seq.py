@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..config import IGNORE_INDEX
 
 
 def seq2seq_collate(collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]):

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..lm_head_split import IGNORE_INDEX
+from ..config import IGNORE_INDEX
 from ..model import PeftModel
 from .data import Batch
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, torch.Tensor | int]"]

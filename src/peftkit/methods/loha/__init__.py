@@ -4,15 +4,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .. import Method, register
-from ..lora import DEFAULT_TARGETS as LORA_DEFAULT_TARGETS
+from ..default_targets import LORA_FAMILY_TARGETS
+from ..lycoris import wrap_module
 from .config import LoHaConfig
 from .layer import LoHaConv2d, LoHaLayer, LoHaLinear
-from .lycoris import wrap_module
 
 __all__ = ["LoHaConfig", "LoHaLayer", "LoHaLinear", "LoHaConv2d"]
 
-# PEFT's LoHa defaults are a copy of its LoRA table.
-DEFAULT_TARGETS = dict(LORA_DEFAULT_TARGETS)
+DEFAULT_TARGETS = dict(LORA_FAMILY_TARGETS)
 
 
 def create_layer(module: nn.Module, key: str, config: LoHaConfig, adapter_name: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .lycoris import LycorisConfig
+from ..lycoris import LycorisConfig
 
 
 @dataclass

@@ -15,16 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lycoris import LycorisLayer
+from ..lycoris import LycorisLayer, cp_rebuild
 
 
 def _kaiming(param: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(param, a=math.sqrt(5))
-
-
-def cp_rebuild(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
-    """[out, in, kh, kw] from a core t [r, r, kh, kw] and mode factors w_a [r, out], w_b [r, in]."""
-    return torch.einsum("ijkl,jr,ip->prkl", t, w_b, w_a)
 
 
 class LoHaLayer(LycorisLayer):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .. import Method, register
-from ..loha import DEFAULT_TARGETS
-from ..loha.lycoris import wrap_module
+from ..default_targets import LORA_FAMILY_TARGETS
+from ..lycoris import wrap_module
 from .config import LoKrConfig
 from .layer import LoKrConv2d, LoKrLayer, LoKrLinear, factorization
 
@@ -27,5 +27,5 @@ register(Method(
     config_cls=LoKrConfig,
     create_layer=create_layer,
     supported_types=("torch.nn.Linear", "torch.nn.Conv2d"),
-    default_targets=DEFAULT_TARGETS,
+    default_targets=dict(LORA_FAMILY_TARGETS),
 ))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..loha.lycoris import LycorisConfig, _is_int
+from ..lycoris import LycorisConfig, _is_int
 
 
 @dataclass

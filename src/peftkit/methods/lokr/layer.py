@@ -13,8 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..loha.layer import cp_rebuild
-from ..loha.lycoris import LycorisLayer
+from ..lycoris import LycorisLayer, cp_rebuild
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

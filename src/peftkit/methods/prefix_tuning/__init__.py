@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import register
-from ..prompt_tuning.learning import PromptLearningMethod
+from ..prompt_learning import PromptLearningMethod
 from .config import PrefixTuningConfig
 from .encoder import PrefixEncoder, create_encoder
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..prompt_tuning.config import PromptLearningConfig
+from ..prompt_learning_config import PromptLearningConfig
 
 INIT_WEIGHTS_CHOICES = (None, "zero")
 

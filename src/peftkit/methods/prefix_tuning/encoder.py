@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..prompt_tuning.learning import PromptLearningEncoder, cache_argument, check_filled, fill_from_model
+from ..prompt_learning import PromptLearningEncoder, cache_argument, check_filled, fill_from_model
 from .config import PrefixTuningConfig
 
 

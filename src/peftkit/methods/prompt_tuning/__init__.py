@@ -1,14 +1,15 @@
 """Prompt tuning (PEFT's PROMPT_TUNING): trainable virtual-token embeddings in front of the input.
 
-Also home of what every prompt-learning method shares (`config.PromptLearningConfig`,
-`learning.PromptLearningEncoder`), which prefix tuning builds on.
+What every prompt-learning method shares lives in `methods.prompt_learning` and
+`methods.prompt_learning_config`, which prefix tuning builds on too.
 """
 from __future__ import annotations
 
 from .. import register
-from .config import PromptLearningConfig, PromptTuningConfig, PromptTuningInit
+from ..prompt_learning import PromptLearningEncoder, PromptLearningMethod
+from ..prompt_learning_config import PromptLearningConfig
+from .config import PromptTuningConfig, PromptTuningInit
 from .encoder import PromptEmbedding, create_encoder
-from .learning import PromptLearningEncoder, PromptLearningMethod
 
 __all__ = ["PromptTuningConfig", "PromptTuningInit", "PromptLearningConfig", "PromptEmbedding",
            "PromptLearningEncoder", "PromptLearningMethod"]

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ...config import TaskType
 from .config import PromptTuningConfig, PromptTuningInit
-from .learning import PromptLearningEncoder, check_filled, fill_from_model, word_embeddings
+from ..prompt_learning import PromptLearningEncoder, check_filled, fill_from_model, word_embeddings
 
 
 def init_token_ids(config: PromptTuningConfig, total: int) -> list[int]:

@@ -23,15 +23,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ...checkpoint.keys import PREFIX, LoadReport, collect_adapter_state, load_adapter_weights
-from ...config import ConfigError, TaskType
-from .. import Method
-
-PROMPT_KEY = "prompt_embeddings"
-# PEFT's prompt-learning models wrap the transformers model directly (no tuner in between), so
-# modules_to_save copies are saved as `base_model.<path>` rather than `base_model.model.<path>`.
-PROMPT_LEARNING_PREFIX = "base_model."
-
+from ..config import ConfigError, TaskType
+from . import Method
 
 @dataclass(frozen=True)
 class PromptLearningMethod(Method):
@@ -216,34 +209,3 @@ class PromptLearningEncoder(nn.Module):
         # (a cache the model handed back from the previous step must not be reused then).
         prefill = cache is None or cache.get_seq_length() == 0 or inputs.get("use_cache") is False
         self.add_virtual_tokens_for_generation(model, inputs, prefill)
-
-
-def _to_layer_key(key: str) -> str:
-    return PREFIX + key[len(PROMPT_LEARNING_PREFIX):] if key.startswith(PROMPT_LEARNING_PREFIX) else key
-
-
-def _to_prompt_key(key: str) -> str:
-    return PROMPT_LEARNING_PREFIX + key[len(PREFIX):] if key.startswith(PREFIX) else key
-
-
-def prompt_learning_state(model: nn.Module, encoder: PromptLearningEncoder, adapter_name: str) -> dict:
-    """One adapter's tensors under PEFT's keys: `prompt_embeddings` plus any modules_to_save copy
-    (e.g. the classifier head, as `base_model.classifier.weight`)."""
-    state = {_to_prompt_key(k): v for k, v in collect_adapter_state(model, adapter_name).items()}
-    state[PROMPT_KEY] = encoder.saved_embeddings().detach().cpu()
-    return state
-
-
-def load_prompt_learning_state(model: nn.Module, encoder: PromptLearningEncoder, adapter_name: str,
-                               state: dict) -> LoadReport:
-    """Copy a PEFT prompt-learning state into `encoder` and the modules_to_save copies; shape
-    mismatches raise, missing and unexpected keys are reported (in the file's spelling)."""
-    layers = {_to_layer_key(k): v for k, v in state.items() if k != PROMPT_KEY}
-    report = load_adapter_weights(model, adapter_name, layers)
-    report.missing_keys = [_to_prompt_key(k) for k in report.missing_keys]
-    report.unexpected_keys = sorted(_to_prompt_key(k) for k in report.unexpected_keys)
-    if PROMPT_KEY in state:
-        encoder.load_saved_embeddings(state[PROMPT_KEY])
-    else:
-        report.missing_keys.append(PROMPT_KEY)
-    return report

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...config import PeftConfig
-from ..base import AdapterLayer
+from ..config import PeftConfig
+from .base import AdapterLayer
 
 
 @dataclass
@@ -197,3 +197,8 @@ def wrap_module(module: nn.Module, key: str, adapter_name: str, settings: dict,
         return None
     layer.update_layer(adapter_name, **settings)
     return layer
+
+
+def cp_rebuild(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """[out, in, kh, kw] from a core t [r, r, kh, kw] and mode factors w_a [r, out], w_b [r, in]."""
+    return torch.einsum("ijkl,jr,ip->prkl", t, w_b, w_a)
