@@ -1,6 +1,7 @@
 """Target matching follows PEFT's rules exactly: compare adapted module sets with `peft`."""
 import peft
 import pytest
+import torch
 
 import peftkit
 from tiny_models import FACTORIES
@@ -39,3 +40,23 @@ def test_all_linear_skips_the_output_head():
     model = peftkit.get_peft_model(FACTORIES["llama"](), peftkit.LoraConfig(target_modules="all-linear"))
     assert "lm_head" not in model.peft_config["default"].target_modules
     assert type(model.base_model.lm_head).__name__ == "Linear"
+
+
+
+def test_conv1d_is_found_by_class_and_by_the_copies_remote_code_carries():
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+
+    from peftkit.targeting import is_conv1d, is_linear, linear_types
+
+    class Conv1D(torch.nn.Module):  # a remote-code model's own copy of GPT-2's layer
+        def __init__(self):
+            super().__init__()
+            self.nf = 3
+
+    class Subclass(HFConv1D):
+        pass
+
+    assert is_conv1d(HFConv1D(nf=3, nx=2)) and is_conv1d(Conv1D()) and is_conv1d(Subclass(nf=3, nx=2))
+    assert not is_conv1d(torch.nn.Linear(2, 3)) and not is_conv1d(torch.nn.Conv1d(2, 3, 1))
+    assert is_linear(torch.nn.Linear(2, 3)) and is_linear(Conv1D()) and not is_linear(torch.nn.Embedding(2, 3))
+    assert linear_types() == (torch.nn.Linear, HFConv1D)

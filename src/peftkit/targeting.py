@@ -1,14 +1,37 @@
 """Which modules a config selects, with PEFT's exact matching rules."""
 from __future__ import annotations
 
+import functools
 import re
+import sys
 
 import torch.nn as nn
 
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for GPT-2's Conv1D: a linear layer whose weight is stored [in, out] (`fan_in_fan_out`).
+
+    transformers' class and its subclasses, and the copies of it that remote-code models carry
+    (same name, an `nf` attribute), which no isinstance check would find. Imports nothing: a
+    transformers Conv1D exists only once transformers is loaded.
+    """
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return True
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear (or a subclass) or GPT-2's Conv1D: what "all-linear" selects."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+@functools.cache
 def linear_types() -> tuple[type, ...]:
+    """The classes (nn.Linear, transformers' Conv1D) for exact-type checks, e.g. a fast path that
+    must not take a subclass such as a quantized Linear; `is_linear` for everything else."""
     try:
         from transformers.pytorch_utils import Conv1D
 
@@ -67,7 +90,7 @@ def matches_target(config, key: str) -> bool:
 
 def all_linear_targets(model: nn.Module, task_type: str | None) -> list[str]:
     """PEFT's "all-linear": the last name of every linear layer, minus the output head's."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear_types())}
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = [head] if head is not None else []
     # A classifier head gets a full trainable copy (modules_to_save), never an adapter; PEFT
@@ -106,10 +129,6 @@ def targetable_names(model: nn.Module) -> list[str]:
         if name and any(True for _ in module.parameters(recurse=False)):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
-
-
-def matching_module_names(model: nn.Module, config) -> list[str]:
-    return [key for key, _ in model.named_modules() if key and matches_target(config, key)]
 
 
 def modules_to_save_names(model: nn.Module, names: list[str]) -> list[str]:

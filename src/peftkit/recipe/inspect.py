@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..methods import get_method
 from ..methods.base import AdapterLayer, ModulesToSaveWrapper
 from ..model import get_peft_model
+from ..targeting import is_conv1d
 from .loading import LoadError, adapter_config, meta_model, model_task
 from .schema import ModelConfig, RunConfig, load_run_config
 
@@ -172,7 +173,7 @@ def _shape(module: nn.Module) -> str:
         return f"{module.in_features}->{module.out_features}"
     if isinstance(module, nn.Embedding):
         return f"{module.num_embeddings}x{module.embedding_dim}"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_conv1d(module):
         return f"{module.weight.shape[0]}->{module.nf}"
     weight = getattr(module, "weight", None)
     return "x".join(str(d) for d in weight.shape) if weight is not None else "-"
