@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="modules an adapter can target; what a config matches; sizes")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--config", metavar="CONFIG.yaml")
+    # data.tasks.TASKS, spelled out so `peftkit --help` stays quick (tests/data/test_tasks.py holds them equal).
     p.add_argument("--task", choices=("causal-lm", "seq-cls", "seq2seq", "token-cls"),
                    help="default: from the model's config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for --config")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DataError
+from .tasks import TASKS
 
 # Row formats a user may name; "auto" detects one from the column names.
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "classification", "token_classification")
@@ -17,7 +18,6 @@ CANONICAL_COLUMNS = (
 )  # fmt: skip
 OVERFLOW_POLICIES = ("truncate", "drop", "error")
 TRAIN_ON = ("completion", "all")
-TASKS = ("causal-lm", "seq-cls", "seq2seq", "token-cls")
 
 
 def default_cache_dir() -> str:

@@ -13,11 +13,11 @@ from typing import Any, Iterator
 import torch
 
 from ..config import PeftConfig
-from .schema import TASK_TYPES, ModelConfig, RunConfig
+from ..data.tasks import accepted_task_types, task_of_class_names, task_of_task_type, task_type_of
+from .schema import ModelConfig, RunConfig
 
 LABELS_FILE = "labels.json"
 RUN_CONFIG_FILE = "run_config.yaml"
-_TASK_OF_TYPE = {v: k for k, v in TASK_TYPES.items()}
 # Tasks whose model gets a new classifier head sized from the data's labels (saved as labels.json).
 CLASSIFIER_TASKS = ("seq-cls", "token-cls")
 
@@ -119,36 +119,33 @@ def _quiet_transformers(active: bool) -> Iterator[None]:
 def adapter_config(config: RunConfig) -> PeftConfig:
     """The run's adapter config, with the task and base model filled in."""
     adapter = copy.deepcopy(config.adapter)
-    adapter.task_type = TASK_TYPES[config.task]
+    adapter.task_type = task_type_of(config.task)
     adapter.base_model_name_or_path = config.model.path
     return adapter
 
 
 def model_task(peft_config: PeftConfig, base_path: str | None) -> str:
     """The task of a saved adapter: its task_type, else guessed from the base model's architecture."""
-    if peft_config.task_type in _TASK_OF_TYPE:
-        return _TASK_OF_TYPE[peft_config.task_type]
+    # The adapter's own task_type comes first: a classifier adapter often sits on a base whose
+    # architectures name a causal LM (the head was added for training).
+    task = task_of_task_type(peft_config.task_type)
+    if task is not None:
+        return task
     if peft_config.task_type not in (None, ""):
         raise LoadError(
             f"adapter task_type {peft_config.task_type!r} is not one peftkit's commands handle; "
-            f"accepted: {', '.join(_TASK_OF_TYPE)}"
+            f"accepted: {', '.join(accepted_task_types())}"
         )
     from transformers import AutoConfig
 
     architectures = getattr(AutoConfig.from_pretrained(base_path), "architectures", None) or []
-    for arch in architectures:
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal-lm"
-        if arch.endswith("ForSequenceClassification"):
-            return "seq-cls"
-        if arch.endswith("ForTokenClassification"):
-            return "token-cls"
-        if arch.endswith("ForConditionalGeneration"):
-            return "seq2seq"
-    raise LoadError(
-        f"the adapter has no task_type and the base model's architectures {architectures} do not tell the task; "
-        f"set task_type in adapter_config.json to one of {list(_TASK_OF_TYPE)}"
-    )
+    task = task_of_class_names(architectures)
+    if task is None:
+        raise LoadError(
+            f"the adapter has no task_type and the base model's architectures {architectures} do not tell the task; "
+            f"set task_type in adapter_config.json to one of {accepted_task_types()}"
+        )
+    return task
 
 
 @dataclass

@@ -12,17 +12,17 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..config import PeftConfig, TaskType
+from ..config import PeftConfig
 from ..data import DataConfig
+from ..data.tasks import TASKS, task_type_of
 from ..methods import all_methods
 from ..train import TrainConfig, TrainConfigError
+from ..train.config import LOOP_TASKS
 from .yamlio import apply_overrides, dump_yaml, load_yaml_file
 
 SECTIONS = ("model", "adapter", "data", "train")
-MODEL_TASKS = ("causal-lm", "seq-cls", "seq2seq", "token-cls")
+MODEL_TASKS = TASKS
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-TASK_TYPES = {"causal-lm": TaskType.CAUSAL_LM, "seq-cls": TaskType.SEQ_CLS, "seq2seq": TaskType.SEQ_2_SEQ_LM,
-              "token-cls": TaskType.TOKEN_CLS}
 # Adapter fields peftkit fills in itself (from model.task and model.path).
 MANAGED_ADAPTER_FIELDS = ("task_type", "base_model_name_or_path", "inference_mode")
 # Keys under which a path read from a config file is resolved against the file's folder.
@@ -200,7 +200,7 @@ def _alias_method_section(raw: dict[str, Any]) -> None:
 
 
 def _train_task(model_task: str) -> str:
-    return model_task if model_task in ("causal-lm", "seq-cls", "token-cls") else "auto"
+    return model_task if model_task in LOOP_TASKS else "auto"
 
 
 # --- building sections ----------------------------------------------------------------
@@ -252,7 +252,7 @@ def _build_adapter(values: dict[str, Any], model: ModelConfig, problems: list[st
         elif key not in fields:
             problems.append(_unknown_key("adapter", key, fields + ["method"], f"{config_cls.__name__} fields"))
     kwargs = {k: v for k, v in values.items() if k in fields}
-    kwargs["task_type"] = TASK_TYPES.get(model.task)
+    kwargs["task_type"] = task_type_of(model.task) if model.task in TASKS else None
     value_problems = _unvalidated_problems(config_cls, kwargs)
     if value_problems:
         problems += [f"adapter.{p}" for p in value_problems]

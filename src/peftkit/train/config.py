@@ -13,7 +13,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-TASKS = ("auto", "causal-lm", "seq-cls", "token-cls")
+# The tasks the loop has a loss for (names from data.tasks.TASKS; seq2seq trains through the
+# recipe's own collate and loss); "auto" reads the task off the model.
+LOOP_TASKS = ("causal-lm", "seq-cls", "token-cls")
+TASKS = ("auto", *LOOP_TASKS)
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -227,4 +230,4 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-__all__ = ["TrainConfig", "TrainConfigError", "TASKS", "SCHEDULERS", "PRECISIONS", "config_changes"]
+__all__ = ["TrainConfig", "TrainConfigError", "TASKS", "LOOP_TASKS", "SCHEDULERS", "PRECISIONS", "config_changes"]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from . import deepspeed_zero
-from .config import TrainConfig
+from .config import LOOP_TASKS, TrainConfig
 
 # Engines the loop cannot drive: its checkpoints and loss scaling know whole (DDP), DTensor-
 # sharded (FSDP2) and ZeRO 1/2-partitioned optimizer state (see deepspeed_zero), not split layers.
@@ -97,20 +97,16 @@ def resolve_task(task: str, model: torch.nn.Module) -> str:
     …ForSequenceClassification / …ForTokenClassification), else of its PEFT task_type."""
     if task != "auto":
         return task
+    from ..data.tasks import task_of_class_names, task_of_task_type  # lazy: peftkit.data loads datasets
+
+    # The class comes first: its head is what the loss must fit. A class the loop has no loss
+    # for (e.g. a vision-language …ForConditionalGeneration) defers to the task_type.
     name = type(base_model(model)).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
-    if name.endswith("ForSequenceClassification"):
-        return "seq-cls"
-    if name.endswith("ForTokenClassification"):
-        return "token-cls"
-    tasks = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls"}
-    peft_configs = getattr(model, "peft_config", None)
-    if isinstance(peft_configs, dict):
-        for cfg in peft_configs.values():
-            kind = str(getattr(cfg, "task_type", "") or "").upper().split(".")[-1]
-            if kind in tasks:
-                return tasks[kind]
+    configs = getattr(model, "peft_config", None)
+    task_types = [getattr(c, "task_type", None) for c in configs.values()] if isinstance(configs, dict) else []
+    for found in (task_of_class_names([name]), *map(task_of_task_type, task_types)):
+        if found in LOOP_TASKS:
+            return found
     raise ValueError(
         f"task='auto' cannot tell the task of a {name} (expected a ...ForCausalLM, ...ForSequenceClassification "
         "or ...ForTokenClassification model, or a PEFT task_type CAUSAL_LM / SEQ_CLS / TOKEN_CLS); "
