@@ -12,12 +12,12 @@ import datasets
 import numpy as np
 
 from .cache import cache_key, read_meta, write_meta
+from .classes import class_names
 from .collate import DataCollator, make_collator
 from .config import TASKS, DataConfig
 from .errors import DataError, RowError
 from .loading import LoadedSource, Source, load_source, resolve_sources
 from .packing import pack_dataset
-from .token_cls import token_label_names
 from .tokenization import RowTokenizer
 
 logger = logging.getLogger("peftkit.data")
@@ -178,9 +178,9 @@ def _build(
     _check_mapping_used(config.column_mapping, train_loaded + eval_loaded)
     label_names, label_index = None, None
     if fmt == "classification":
-        label_names, label_index = _labels(train_loaded)
+        label_names, label_index = class_names(train_loaded, "label")
     elif fmt == "token_classification":
-        label_names, label_index = token_label_names(train_loaded)
+        label_names, label_index = class_names(train_loaded, "tags")
     row_tokenizer = RowTokenizer(
         tokenizer, task, fmt,
         max_length=config.max_length, overflow=config.overflow, train_on=config.train_on,
@@ -316,40 +316,6 @@ def _check_mapping_used(mapping: dict[str, str], loaded: list[LoadedSource]) -> 
         raise DataError(
             f"data.column_mapping: column(s) {unused} are not in any data source (columns found: {sorted(found)})"
         )
-
-
-def _labels(train_loaded: list[LoadedSource]) -> tuple[list[str], dict[str | int, int]]:
-    """Sorted class names (or the dataset's ClassLabel names) and the label -> id map."""
-    class_names: list[str] | None = None
-    values: set[str | int] = set()
-    for item in train_loaded:
-        feature = item.dataset.features["label"]
-        if isinstance(feature, datasets.ClassLabel):
-            if class_names is not None and class_names != feature.names:
-                raise DataError(f"{item.source.path}: its ClassLabel names {feature.names} differ from {class_names}")
-            class_names = list(feature.names)
-            continue
-        for value in item.dataset.unique("label"):
-            if value is None or (isinstance(value, float) and not value == value):
-                continue  # reported with its row by the row check
-            values.add(int(value) if isinstance(value, float) else value)
-    if class_names is not None:
-        if values:
-            raise DataError("some training sources use ClassLabel features and others plain labels; use one kind")
-        return class_names, {i: i for i in range(len(class_names))}
-    kinds = {type(v) for v in values}
-    if len(kinds) > 1:
-        raise DataError(
-            "training labels mix class names (strings) and class indices (integers); use one kind: "
-            f"{sorted(map(repr, values))[:10]}"
-        )
-    if not values:
-        raise DataError("no training row has a label")
-    if kinds == {str}:
-        names = sorted(values)  # type: ignore[type-var]
-        return names, {name: i for i, name in enumerate(names)}
-    top = max(values)  # type: ignore[type-var]
-    return [str(i) for i in range(top + 1)], {i: i for i in range(top + 1)}
 
 
 def _holdout(train_loaded: list[LoadedSource], config: DataConfig) -> np.ndarray | None:

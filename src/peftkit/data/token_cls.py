@@ -1,4 +1,4 @@
-"""Token classification: word tags -> sub-word labels, and the tag list of the training data.
+"""Token classification: word tags -> sub-word labels (the tag list: classes.class_names).
 
 Rows hold words (`tokens`) and one tag per word (`tags`). The tokenizer splits words into
 sub-words (`is_split_into_words=True`, which needs a fast tokenizer for `word_ids`); the first
@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-
-import datasets
-import pyarrow.compute as pc
 
 from .errors import DataError, RowError
 from .formats import row_problem
@@ -116,39 +113,3 @@ def check_every_word_has_a_token(word_ids: Sequence[int | None], tokens: Sequenc
                 f"tokens[{i}] {word!r} becomes no token with this tokenizer (whitespace or characters it drops), "
                 "so its tag could not be trained; remove or clean that word"
             )
-
-
-def token_label_names(train_loaded: list[Any]) -> tuple[list[str], dict[str | int, int]]:
-    """Tag names of the training sources (`LoadedSource`s) and the tag -> class id map.
-
-    Sequence-of-ClassLabel features give their names; string tags give their sorted set;
-    integer tags give "0" .. str(max).
-    """
-    class_names: list[str] | None = None
-    values: set[str | int] = set()
-    for item in train_loaded:
-        feature = getattr(item.dataset.features["tags"], "feature", None)
-        if isinstance(feature, datasets.ClassLabel):
-            if class_names is not None and class_names != feature.names:
-                raise DataError(f"{item.source.path}: its tag ClassLabel names {feature.names} differ from {class_names}")
-            class_names = list(feature.names)
-            continue
-        column = item.dataset.data.column("tags")
-        values.update(v for v in pc.unique(pc.list_flatten(column)).to_pylist() if v is not None)
-    if class_names is not None:
-        if values:
-            raise DataError("some training sources use ClassLabel tags and others plain tags; use one kind")
-        return class_names, {i: i for i in range(len(class_names))}
-    kinds = {type(v) for v in values}
-    if len(kinds) > 1:
-        raise DataError(
-            "training tags mix tag names (strings) and class indices (integers); use one kind: "
-            f"{sorted(map(repr, values))[:10]}"
-        )
-    if not values:
-        raise DataError("no training row has a tag")
-    if kinds == {str}:
-        names = sorted(values)  # type: ignore[type-var]
-        return names, {name: i for i, name in enumerate(names)}
-    top = max(values)  # type: ignore[type-var]
-    return [str(i) for i in range(top + 1)], {i: i for i in range(top + 1)}
