@@ -75,3 +75,34 @@ def test_bad_settings_and_mixed_batches_are_errors():
         DataCollator(0, task="lm", packed_attention="flash")
     with pytest.raises(DataError, match="cannot collate packed examples"):
         DataCollator(0)([{"input_ids": [1], "labels": [1], "position_ids": [0]}, {"input_ids": [1], "labels": [1]}])
+
+
+def test_the_loops_default_collate_is_this_collator():
+    from peftkit.train import make_collate
+
+    collate = make_collate(7, "token-cls")
+    assert isinstance(collate, DataCollator) and collate.pad_token_id == 7 and collate.task == "token-cls"
+
+
+def test_rows_may_carry_their_own_masks_token_types_and_positions():
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 0], "token_type_ids": [0, 0, 1], "label": 1},
+            {"input_ids": [4], "token_type_ids": [1], "position_ids": None, "labels": 0}]
+    batch = DataCollator(0, task="seq-cls")(rows)
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 1], [1, 0, 0]] and batch["labels"].tolist() == [1, 0]
+    # Outside causal LM, position_ids are the model's business: passed through, padded with 0.
+    cls = DataCollator(0, task="token-cls")([{"input_ids": [1, 2], "labels": [0, 1], "position_ids": [3, 4]},
+                                             {"input_ids": [5], "labels": [1], "position_ids": [3]}])
+    assert cls["position_ids"].tolist() == [[3, 4], [3, 0]] and cls["attention_mask"].dim() == 2
+    with pytest.raises(DataError, match="token_type_ids is given for some rows"):
+        DataCollator(0)([{"input_ids": [1], "token_type_ids": [0]}, {"input_ids": [2]}])
+    with pytest.raises(DataError, match="row 0: labels=1.5: sequence classification expects one int class"):
+        DataCollator(0, task="seq-cls")([{"input_ids": [1], "labels": 1.5}])
+
+
+def test_a_packed_rows_own_attention_mask_still_hides_its_keys():
+    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 0], "attention_mask": [1, 0, 1]}]
+    allowed = (DataCollator(0)(rows)["attention_mask"][0, 0] == 0).int().tolist()
+    assert allowed == [[1, 0, 0], [1, 0, 0], [0, 0, 1]]
+    with pytest.raises(DataError, match="packed_attention='position_ids' sends no attention_mask"):
+        DataCollator(0, packed_attention="position_ids")(rows)

@@ -70,88 +70,11 @@ class DataPlan:
 
 
 def make_collate(pad_token_id: int, task: str) -> CollateFn:
-    """Right-pad `input_ids` to the longest row; labels pad with -100; attention_mask built.
+    """The loop's default collate: `data.DataCollator` (right padding, labels padded with -100,
+    an attention_mask built; a causal-LM row without labels learns every token)."""
+    from ..data.collate import DataCollator  # lazy: peftkit.data loads datasets
 
-    Rows: `input_ids` (list of int), optional `attention_mask`, `position_ids`,
-    `token_type_ids` (same length), `labels` (token labels, -100 = ignored, for "causal-lm" and
-    "token-cls"; one int class for "seq-cls"). A causal-LM row without labels learns every token.
-    """
-
-    def collate(rows: list[Mapping[str, Any]]) -> Batch:
-        if not rows:
-            raise ValueError("collate got an empty list of rows")
-        seqs = [_int_list(row, "input_ids", i) for i, row in enumerate(rows)]
-        width = max(len(s) for s in seqs)
-        batch: Batch = {"input_ids": _pad(seqs, width, pad_token_id)}
-        masks = [
-            _int_list(row, "attention_mask", i) if row.get("attention_mask") is not None else [1] * len(s)
-            for i, (row, s) in enumerate(zip(rows, seqs))
-        ]
-        _check_lengths(masks, seqs, "attention_mask")
-        batch["attention_mask"] = _pad(masks, width, 0)
-        for name in ("position_ids", "token_type_ids"):
-            present = [row.get(name) is not None for row in rows]
-            if any(present):
-                if not all(present):
-                    raise ValueError(f"{name} is given for some rows of a batch but not for others")
-                values = [_int_list(row, name, i) for i, row in enumerate(rows)]
-                _check_lengths(values, seqs, name)
-                batch[name] = _pad(values, width, 0)
-        batch["labels"] = _labels(rows, seqs, width, task)
-        return batch
-
-    return collate
-
-
-def _labels(rows: list[Mapping[str, Any]], seqs: list[list[int]], width: int, task: str) -> torch.Tensor:
-    if task == "seq-cls":
-        labels = []
-        for i, row in enumerate(rows):
-            value = row.get("labels", row.get("label"))
-            value = value.item() if isinstance(value, (torch.Tensor, np.ndarray)) else value
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(
-                    f"row {i}: labels={value!r}: sequence classification expects one int class per row"
-                )
-            labels.append(int(value))
-        return torch.tensor(labels, dtype=torch.long)
-    if task == "token-cls":
-        missing = [i for i, row in enumerate(rows) if row.get("labels") is None]
-        if missing:
-            raise ValueError(f"rows {missing} have no labels; token classification needs one class id "
-                             "(or -100) per token")
-    values = [
-        seq if row.get("labels") is None else _int_list(row, "labels", i)  # no labels: learn every token
-        for i, (row, seq) in enumerate(zip(rows, seqs))
-    ]
-    _check_lengths(values, seqs, "labels")
-    return _pad(values, width, -100)
-
-
-def _int_list(row: Mapping[str, Any], key: str, index: int) -> list[int]:
-    if not isinstance(row, Mapping):
-        raise TypeError(f"row {index}: expected a dict of fields, got {type(row).__name__}")
-    if key not in row or row[key] is None:
-        raise ValueError(f"row {index} has no {key!r}; its fields are {sorted(row)}")
-    value = row[key]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"row {index}: {key} must be a non-empty list of ints, got {value!r}")
-    return list(value)
-
-
-def _check_lengths(values: list[list[int]], seqs: list[list[int]], name: str) -> None:
-    for i, (v, s) in enumerate(zip(values, seqs)):
-        if len(v) != len(s):
-            raise ValueError(f"row {i}: {name} has {len(v)} entries but input_ids has {len(s)}")
-
-
-def _pad(seqs: list[list[int]], width: int, value: int) -> torch.Tensor:
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
+    return DataCollator(pad_token_id, task=task)
 
 
 def data_fingerprint(data: Sequence[Mapping[str, Any]]) -> str:
