@@ -12,7 +12,7 @@ import torch
 from ..data import IGNORE_INDEX, DataConfig, alpaca_prompt, prepare_datasets
 from ..train import TrainConfig
 from .loading import LoadedAdapter, LoadError, load_adapter
-from .run import PACKED_ATTENTION, TaskHooks, evaluate_prepared, format_metrics
+from .run import RUN_PACKED_ATTENTION, TaskHooks, evaluate_prepared, format_metrics
 from .seq2seq import seq2seq_collate, seq2seq_loss
 
 
@@ -122,7 +122,7 @@ def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = Non
     if loaded.tokenizer is None:
         raise LoadError(f"no tokenizer in {adapter_dir} or {loaded.base_path}; eval needs one")
     data = prepare_datasets(DataConfig.from_dict(settings), loaded.tokenizer, loaded.task,
-                            packed_attention=PACKED_ATTENTION)
+                            packed_attention=RUN_PACKED_ATTENTION)
     rows: Any = data.train
     if loaded.task in ("seq-cls", "token-cls"):
         rows = _relabel(rows, data.label_names or [], loaded.labels or [], data_path)

@@ -28,10 +28,11 @@ from .schema import RunConfig
 from .seq2seq import seq2seq_collate, seq2seq_loss
 
 Log = Callable[[str], None]
-# Packed rows are kept apart by their position_ids (each row restarts at 0), which transformers
-# turns into block-diagonal attention when no cache is used; the loop always calls the model
-# with use_cache=False. This keeps attention memory O(seq) instead of a 4D [B, 1, L, L] mask.
-PACKED_ATTENTION = "position_ids"
+# The packed_attention mode (one of data.collate.PACKED_ATTENTION_MODES) that runs and evals
+# use: packed rows are kept apart by their position_ids (each row restarts at 0), which
+# transformers turns into block-diagonal attention when no cache is used; the loop always calls
+# the model with use_cache=False. This keeps attention memory O(seq) instead of a 4D [B, 1, L, L] mask.
+RUN_PACKED_ATTENTION = "position_ids"
 
 
 @dataclass
@@ -82,7 +83,7 @@ def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = prin
     # Under torchrun / accelerate launch, rank 0 tokenizes and fills the cache first; the
     # others then read it instead of writing the same cache files at the same time.
     with process_state().main_process_first():
-        data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=PACKED_ATTENTION)
+        data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=RUN_PACKED_ATTENTION)
     log(data.summary())
     _check_trained_tokens(data)
     set_seed(config.train.seed)  # the initial adapter (and a new classifier head) depend on it
