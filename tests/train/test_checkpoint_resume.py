@@ -105,12 +105,24 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, monk
 
     # A killed process leaves its temporary folder; an incomplete folder is never "latest".
     (tmp_path / "checkpoint-9.tmp-999999999").mkdir()
+    (tmp_path / "checkpoint-8").mkdir()  # no state file: not a checkpoint (the file is written last)
     (tmp_path / "checkpoint-7").mkdir()
     (tmp_path / "checkpoint-7" / "trainer_state.json").write_text('{"global_st')
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    # A damaged one is not "latest" either, but is named: resuming from an older step is announced.
+    with pytest.warns(UserWarning, match=r"checkpoint-7/trainer_state.json is damaged: not valid JSON"):
+        assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-7/trainer_state.json is damaged: not valid JSON"):
+        ckpt.resolve_resume_path(str(tmp_path / "checkpoint-7"), tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-7/trainer_state.json is damaged"):
+        ckpt.load_checkpoint(tmp_path / "checkpoint-7", None, None, None)
     monkeypatch.setattr(ckpt, "_save_optimizer", real)
-    result = train(tiny_llama(), lm_rows(8), None, config(tmp_path, max_steps=4, save_every=2, resume_from="latest"))
+    with pytest.warns(UserWarning, match="leaving checkpoint-7 out of the checkpoints"):
+        result = train(tiny_llama(), lm_rows(8), None,
+                       config(tmp_path, max_steps=4, save_every=2, resume_from="latest"))
     assert result.global_step == 4 and not (tmp_path / "checkpoint-9.tmp-999999999").exists()
+    (tmp_path / "checkpoint-7" / "trainer_state.json").write_text('{"step": 7}')
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-7/trainer_state.json is damaged: no global_step"):
+        ckpt.resolve_resume_path(str(tmp_path / "checkpoint-7"), tmp_path)
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -17,6 +18,9 @@ from ..data.tasks import accepted_task_types, task_of_class_names, task_of_task_
 from .schema import ModelConfig, RunConfig
 
 LABELS_FILE = "labels.json"
+# Files a saved tokenizer consists of; any of them beside an adapter means one was saved there.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "special_tokens_map.json")
 RUN_CONFIG_FILE = "run_config.yaml"
 # Tasks whose model gets a new classifier head sized from the data's labels (saved as labels.json).
 CLASSIFIER_TASKS = ("seq-cls", "token-cls")
@@ -176,11 +180,7 @@ def load_adapter(adapter_dir: str, base: str | None = None, dtype: str = "auto",
     model = load_model(model_config, labels)
     peft_model = PeftModel.from_pretrained(model, adapter_dir)
     peft_model.eval()
-    tokenizer = None
-    for where in (adapter_dir, base_path):
-        tokenizer = _try_tokenizer(where, trust_remote_code)
-        if tokenizer is not None:
-            break
+    tokenizer = _adapter_tokenizer(adapter_dir, base_path, trust_remote_code)
     run_config = None
     path = os.path.join(adapter_dir, RUN_CONFIG_FILE)
     if os.path.isfile(path):
@@ -190,12 +190,28 @@ def load_adapter(adapter_dir: str, base: str | None = None, dtype: str = "auto",
     return LoadedAdapter(peft_model, tokenizer, task, base_path, adapter_dir, labels, run_config)
 
 
-def _try_tokenizer(where: str, trust_remote_code: bool) -> Any | None:
+def _adapter_tokenizer(adapter_dir: str, base_path: str, trust_remote_code: bool) -> Any | None:
+    """The tokenizer saved beside the adapter, else the base model's, else None (merge needs none;
+    generate and eval refuse without one)."""
     from transformers import AutoTokenizer
 
+    saved = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(adapter_dir, name))]
+    if saved:
+        try:
+            return AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as exc:
+            # An error, not a fall-back: training saved this tokenizer because it can differ from the
+            # base's (pad token, chat template), and the base's would silently change outputs and scores.
+            raise LoadError(
+                f"the tokenizer saved in {adapter_dir} ({', '.join(saved)}) does not load: {type(exc).__name__}: "
+                f"{exc}. Repair those files, or remove them to use the base model's tokenizer ({base_path})"
+            ) from None
     try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
+        return AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        # A warning, not an error: merge works without a tokenizer (the merged folder then has none).
+        warnings.warn(f"no tokenizer: {adapter_dir} has none and the base model's ({base_path}) does not load: "
+                      f"{type(exc).__name__}: {exc}", stacklevel=3)
         return None
 
 

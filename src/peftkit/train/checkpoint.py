@@ -52,14 +52,26 @@ class CheckpointError(RuntimeError):
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    """Complete checkpoints in `output_dir` as (step, path), oldest first.
+
+    A damaged one (its state file unreadable) is left out with a warning naming the file: the
+    older checkpoints can still be resumed, pruned or refused by a fresh run, so stopping
+    for it would help nobody, but resuming from an older step must not happen unannounced.
+    """
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and _read_state(child) is not None:
+        if not (match and child.is_dir()):
+            continue
+        try:
+            state = _read_state(child)
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; leaving {child.name} out of the checkpoints of {root}", stacklevel=2)
+            continue
+        if state is not None:
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -75,22 +87,38 @@ def resolve_resume_path(resume_from: str, output_dir: str | os.PathLike) -> Path
     if resume_from == "latest":
         return find_latest_checkpoint(output_dir)
     path = Path(resume_from)
-    if _read_state(path) is None:
+    try:
+        state, problem = _read_state(path), None
+    except CheckpointError as exc:
+        state, problem = None, str(exc)
+    if state is None:
         latest = find_latest_checkpoint(output_dir)
         hint = f"; the latest complete checkpoint in {output_dir} is {latest}" if latest else ""
+        found = problem or f"expected a folder containing {STATE_FILE}"
         raise CheckpointError(
-            f"resume_from={resume_from!r} is not a complete peftkit training checkpoint "
-            f"(expected a folder containing {STATE_FILE}){hint}"
+            f"resume_from={resume_from!r} is not a complete peftkit training checkpoint ({found}){hint}"
         )
     return path
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
+    """The saved trainer state; None when there is no state file (not a checkpoint: the file is
+    written last, so a folder without it is incomplete). A state file that is there but cannot
+    be read or parsed raises CheckpointError naming it: the checkpoint is damaged, not absent."""
+    file = path / STATE_FILE
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        text = file.read_text()
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return state if isinstance(state, dict) and "global_step" in state else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc})") from None
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{file} is damaged: not valid JSON ({exc})") from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise CheckpointError(f"{file} is damaged: no global_step in it")
+    return state
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
@@ -278,7 +306,7 @@ def load_checkpoint(
     folder = Path(path)
     state = _read_state(folder)
     if state is None:
-        raise CheckpointError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing or unreadable")
+        raise CheckpointError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing")
     deepspeed = deepspeed_zero.is_deepspeed(accelerator)
     _load_trainable(folder / TRAINABLE_FILE, model, deepspeed)
     _load_optimizer(folder, optimizer, model, deepspeed)

@@ -9,6 +9,7 @@ import json
 import math
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +125,35 @@ class RunLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a truncated last line (a killed run) is skipped."""
-    records = []
+    """Records of a metrics.jsonl (none when there is no file yet).
+
+    A line that is not a JSON object is skipped with a warning naming the file, the line and
+    what is wrong: the file is a report, not training state (that is in the checkpoints), so
+    a damaged line must not stop a resume or the loss curve, but must not vanish unnoticed.
+    A cut-off last line is what a killed run leaves.
+    """
+    path = Path(path)
     try:
-        lines = Path(path).read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
-        return records
-    for line in lines:
+        return []
+    records = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # nothing was lost
         try:
-            records.append(json.loads(line))
-        except ValueError:
+            record = json.loads(line)
+        except ValueError as exc:
+            cut = number == len(lines) and not text.endswith("\n")
+            why = "cut off (the run was killed while writing it)" if cut else f"not JSON ({exc})"
+            warnings.warn(f"{path} line {number} is {why}; skipped", stacklevel=2)
             continue
+        if not isinstance(record, dict):
+            warnings.warn(f"{path} line {number} is {type(record).__name__} {line[:40]!r}, not a record; skipped",
+                          stacklevel=2)
+            continue
+        records.append(record)
     return records
 
 
