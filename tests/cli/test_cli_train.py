@@ -245,3 +245,20 @@ def test_config_problems_are_found_before_the_model_is_touched(tmp_path, capsys)
     assert "train.lr='fast': expected a number" in capsys.readouterr().err
     assert main(["train", config, "train.lr=1e-3"]) == 1
     assert f"cannot load a tokenizer from '{tmp_path / 'missing-model'}'" in capsys.readouterr().err
+
+
+
+def test_a_run_makes_one_accelerator_and_the_loop_writes_its_files(tmp_path, llama_dir, monkeypatch):
+    import peftkit.recipe.run as run_module
+    import peftkit.train.loop as loop_module
+
+    made, recipe_writes = [], []
+    real_make, real_write = run_module.make_accelerator, run_module.atomic_write_text
+    monkeypatch.setattr(run_module, "make_accelerator", lambda config: made.append(config) or real_make(config))
+    monkeypatch.setattr(loop_module, "make_accelerator", lambda config: pytest.fail("a second Accelerator"))
+    monkeypatch.setattr(run_module, "atomic_write_text",
+                        lambda path, text: recipe_writes.append(Path(path).name) or real_write(path, text))
+    assert main(["train", causal_config(tmp_path, llama_dir, "text")]) == 0
+    assert len(made) == 1 and recipe_writes == ["run_config.yaml"]  # metrics, summary, curve: the loop's
+    summary = _assert_run_folder(tmp_path / "run", steps=3)
+    assert summary["eval_before"] and summary["eval_after"] == summary["final_eval"]

@@ -220,3 +220,39 @@ def test_a_custom_loss_needs_a_count_fn_that_counts_the_same_targets(tmp_path):
     result = train(tiny_llama(), rows, None, config(tmp_path / "b", max_steps=1, micro_batch_size=2, grad_accum=2),
                    loss_fn=loss_per_row, count_fn=lambda batch: batch["labels"].shape[0])
     assert result.global_step == 1 and result.train_loss > 0
+
+
+def test_a_callers_eval_before_and_summary_keys_are_written_by_the_loop_alone(tmp_path):
+    from peftkit.train.logging import RunLogger
+    from peftkit.train.runtime import make_accelerator
+
+    cfg = config(tmp_path, max_steps=2)
+    accelerator = make_accelerator(cfg)
+    before = {"eval_loss": 3.5, "eval_perplexity": float("inf")}
+    seen = {}
+
+    def extra(summary):
+        seen.update(summary)
+        return {"eval_before": before["eval_loss"], "mine": 1}
+
+    result = train(tiny_llama(), lm_rows(8), None, cfg, accelerator=accelerator, eval_before=before,
+                   summary_extra=extra)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[0] == {"step": 0, "epoch": 0.0, "eval_loss": 3.5, "eval_perplexity": None}  # JSON has no inf
+    assert [r["step"] for r in records[1:]] == [1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mine"] == 1 and summary["global_step"] == seen["global_step"] == 2
+    assert result.summary == summary
+    # A resumed session's own eval before replaces the earlier one as step 0.
+    RunLogger(tmp_path, is_main=True, total_steps=2, start_step=2, progress=False, tensorboard=False,
+              resume_step=2, eval_before={"eval_loss": 1.0})
+    assert [(r["step"], r.get("eval_loss")) for r in read_metrics(tmp_path / "metrics.jsonl")] == \
+        [(0, 1.0), (1, None), (2, None)]
+
+
+def test_an_accelerator_for_another_precision_is_refused(tmp_path):
+    from peftkit.train.runtime import make_accelerator
+
+    accelerator = make_accelerator(config(tmp_path, precision="fp32"))
+    with pytest.raises(ValueError, match="runs mixed_precision='no', but precision='bf16' asks for 'bf16'"):
+        train(tiny_llama(), lm_rows(4), None, config(tmp_path, max_steps=1, precision="bf16"), accelerator=accelerator)

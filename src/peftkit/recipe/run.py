@@ -8,12 +8,10 @@ written next to the adapter, so `generate`, `eval` and `merge` work on the folde
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -22,7 +20,7 @@ from ..data import PreparedData, prepare_datasets
 from ..model import get_peft_model
 from ..train import TrainConfig, TrainResult, train
 from ..train.data import DataPlan
-from ..train.runtime import process_state
+from ..train.runtime import make_accelerator, process_state
 from .loading import RUN_CONFIG_FILE, adapter_config, load_model, load_tokenizer, meta_model, write_labels
 from .schema import RunConfig
 from .seq2seq import seq2seq_collate, seq2seq_loss
@@ -75,14 +73,19 @@ class RunResult:
 
 
 def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = print) -> RunResult:
-    """Train the adapter described by `config`; return the metrics before and after."""
+    """Train the adapter described by `config`; return the metrics before and after.
+
+    One Accelerator serves the whole run (the eval before, the loop, "am I the main process"),
+    and the loop writes the run's files, this run's eval before and summary keys included.
+    """
     from accelerate.utils import set_seed
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    accelerator = make_accelerator(config.train)
     tokenizer = load_tokenizer(config.model)
     # Under torchrun / accelerate launch, rank 0 tokenizes and fills the cache first; the
     # others then read it instead of writing the same cache files at the same time.
-    with process_state().main_process_first():
+    with accelerator.main_process_first():
         data = prepare_datasets(config.data, tokenizer, config.task, packed_attention=RUN_PACKED_ATTENTION)
     log(data.summary())
     _check_trained_tokens(data)
@@ -95,26 +98,29 @@ def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = prin
 
     before = None
     if eval_before and data.eval is not None:
-        before = evaluate_prepared(model, data.eval, hooks)
+        before = evaluate_prepared(model, data.eval, hooks, accelerator)
         log(f"eval before training: {format_metrics(before)}")
-    result = train(model, data.train, data.eval, hooks.train_config, hooks.collate, loss_fn=hooks.loss_fn)
-    after = result.eval_metrics or None
+    times: dict[str, float] = {}
+
+    def summary_extra(summary: Mapping[str, Any]) -> dict[str, Any]:
+        times.update(wall=time.perf_counter() - wall0, cpu=time.process_time() - cpu0)
+        return {
+            "eval_before": before, "eval_after": summary["final_eval"] or None,
+            "run_wall_time_s": round(times["wall"], 2), "run_cpu_time_s": round(times["cpu"], 2),
+            "data_format": data.format,
+            "data": {"train": data.stats.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None},
+            "adapter": {"method": config.method, "trainable_params": trainable, "total_params": total},
+        }
+
+    result = train(model, data.train, data.eval, hooks.train_config, hooks.collate, loss_fn=hooks.loss_fn,
+                   accelerator=accelerator, eval_before=before, summary_extra=summary_extra)
     out = Path(result.output_dir)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    if _is_main_process():
+    if accelerator.is_main_process:  # what `generate`, `eval` and `merge` read beside the adapter
         tokenizer.save_pretrained(str(out))
         if data.label_names is not None:
             write_labels(str(out), data.label_names)
         atomic_write_text(str(out / RUN_CONFIG_FILE), config.to_yaml())
-        if before:
-            _record_eval_before(out, before)
-        _extend_summary(out, {
-            "eval_before": before, "eval_after": after, "run_wall_time_s": round(wall, 2),
-            "run_cpu_time_s": round(cpu, 2), "data_format": data.format,
-            "data": {"train": data.stats.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None},
-            "adapter": {"method": config.method, "trainable_params": trainable, "total_params": total},
-        })
-    return RunResult(out, config.task, before, after, result, wall, cpu)
+    return RunResult(out, config.task, before, result.eval_metrics or None, result, times["wall"], times["cpu"])
 
 
 def _check_trained_tokens(data: PreparedData) -> None:
@@ -136,12 +142,12 @@ def _check_trained_tokens(data: PreparedData) -> None:
         )
 
 
-def evaluate_prepared(model: torch.nn.Module, rows: Any, hooks: TaskHooks) -> dict[str, float]:
-    """The loop's own eval (same batching, loss and accuracy) on `rows`, outside a training run."""
+def evaluate_prepared(model: torch.nn.Module, rows: Any, hooks: TaskHooks, accelerator: Any = None) -> dict[str, float]:
+    """The loop's own eval (same batching, loss and accuracy) on `rows`, outside a training run;
+    `accelerator`: the run's, else one made for this eval."""
     from ..train import evaluate
-    from ..train.runtime import make_accelerator
 
-    accelerator = make_accelerator(hooks.train_config)
+    accelerator = accelerator or make_accelerator(hooks.train_config)
     model.to(accelerator.device)
     was_training = model.training
     try:
@@ -175,27 +181,6 @@ def metrics_change(before: dict[str, float] | None, after: dict[str, float]) -> 
     if before.get("eval_perplexity") is not None and after.get("eval_perplexity") is not None:
         parts.append(f"perplexity {before['eval_perplexity']:.2f} -> {after['eval_perplexity']:.2f}")
     return ", ".join(parts)
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _record_eval_before(out: Path, before: dict[str, float]) -> None:
-    """The eval before training becomes the step-0 record of metrics.jsonl and of the loss curve."""
-    from ..train.logging import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve, read_metrics
-
-    records = [r for r in read_metrics(out / METRICS_FILE) if not (r.get("step") == 0 and "eval_loss" in r)]
-    records.insert(0, {"step": 0, "epoch": 0.0, **before})
-    atomic_write_text(str(out / METRICS_FILE), "".join(json.dumps(r) + "\n" for r in records))
-    plot_loss_curve(records, out / LOSS_CURVE_FILE)
-
-
-def _extend_summary(out: Path, extra: dict[str, Any]) -> None:
-    path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.update(extra)
-    atomic_write_text(str(path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 # --- dry run ---------------------------------------------------------------------------------
@@ -239,7 +224,7 @@ def dry_run(config: RunConfig) -> DryRunReport:
 
     tokenizer = load_tokenizer(config.model)
     data = prepare_datasets(config.data, tokenizer, config.task)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_state().num_processes  # Accelerate's answer, as in a run (no Accelerator: no weights here)
     t = config.train
     plan = DataPlan(len(data.train), t.micro_batch_size, t.grad_accum, world, t.seed, t.shuffle)
     total_steps = t.max_steps or t.epochs * plan.steps_per_epoch

@@ -1,6 +1,7 @@
 """What a run reports: metrics.jsonl, a progress bar, TensorBoard, loss_curve.png, summary.json.
 
-Only the main process writes; on the others every method is a no-op.
+The one writer of those files (a caller adds its own records through `train`'s eval_before and
+summary_extra). Only the main process writes; on the others every method is a no-op.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..checkpoint.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -37,6 +40,8 @@ class RunLogger:
 
     `resume_step`: when resuming, records after that step (written by the run that was
     interrupted after its last checkpoint) are dropped so the file reads as one run.
+    `eval_before`: metrics of an eval before training, the step-0 record (replacing an earlier
+    session's), so the loss curve starts before the first step.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class RunLogger:
         progress: bool,
         tensorboard: bool,
         resume_step: int | None,
+        eval_before: dict[str, Any] | None = None,
     ):
         self.dir = Path(output_dir)
         self.is_main = is_main
@@ -62,6 +68,9 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / METRICS_FILE
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= resume_step] if resume_step else []
+        if eval_before:
+            kept = [r for r in kept if not (r.get("step") == 0 and "eval_loss" in r)]
+            kept.insert(0, _json_safe({"step": 0, "epoch": 0.0, **eval_before}))
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             self.tb = writer_cls(log_dir=str(self.dir / "tensorboard"))
@@ -81,8 +90,7 @@ class RunLogger:
         """Append a record (must have `step`); train records update the bar, all go to TensorBoard."""
         if not self.is_main:
             return
-        # JSON has no NaN/Infinity (an fp16 overflow step has an infinite gradient norm).
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        record = _json_safe(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -111,7 +119,7 @@ class RunLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        (self.dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write_text(str(self.dir / SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")
         plot_loss_curve(read_metrics(self.metrics_path), self.dir / LOSS_CURVE_FILE)
 
     def close(self) -> None:
@@ -189,6 +197,11 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/Infinity (an fp16 overflow step has an infinite gradient norm).
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _short(value: Any) -> Any:

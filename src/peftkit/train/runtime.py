@@ -1,15 +1,19 @@
-"""Setting up a run: the Accelerator, the task, gradient checkpointing, the padding id."""
+"""Setting up a run: the Accelerator, the task, the data and output checks, gradient
+checkpointing, the padding id."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import deepspeed_zero
+from .checkpoint import list_checkpoints, remove_stale_temporaries, resolve_resume_path
 from .config import LOOP_TASKS, TrainConfig
 
+Rows = Sequence[Mapping[str, Any]]
 # Engines the loop cannot drive: its checkpoints and loss scaling know whole (DDP), DTensor-
 # sharded (FSDP2) and ZeRO 1/2-partitioned optimizer state (see deepspeed_zero), not split layers.
 _UNSUPPORTED_BACKENDS = {
@@ -167,3 +171,39 @@ def any_process(accelerator: Any, flag: bool) -> bool:
         return flag
     # A signal may reach only some processes; all must stop (and checkpoint) together.
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
+def check_data(train_data: Rows, eval_data: Rows | None, config: TrainConfig) -> None:
+    """Refuse data the loop cannot resume exactly in, and settings the data cannot serve."""
+    for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+        if data is not None and not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+            raise TypeError(
+                f"{name} must be a datasets.Dataset or a sequence of dicts (len() and indexing give exact "
+                f"resume positions); got {type(data).__name__}"
+            )
+    if len(train_data) == 0:
+        raise ValueError("train_data is empty: nothing to train on")
+    if config.early_stopping_patience is not None and not eval_data:
+        raise ValueError(
+            f"early_stopping_patience={config.early_stopping_patience} needs eval_data (early stopping "
+            "watches the eval loss); pass eval_data or set early_stopping_patience to null"
+        )
+
+
+def prepare_output_dir(accelerator: Any, out: Path, resume_from: str | None) -> Path | None:
+    """Create output_dir, clear dead temporaries; return the checkpoint to resume from, if any."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+    accelerator.wait_for_everyone()
+    if resume_from:
+        return resolve_resume_path(resume_from, out)
+    earlier = list_checkpoints(out)
+    if earlier:
+        # A fresh run would interleave its checkpoints with these, and keep_last prunes by step.
+        raise ValueError(
+            f"output_dir={str(out)!r} already holds checkpoints of an earlier run "
+            f"({', '.join(path.name for _, path in earlier)}); set resume_from='latest' to continue it, "
+            "or use another output_dir"
+        )
+    return None
