@@ -88,7 +88,7 @@ def test_trainable_counts_and_print(capsys):
 def test_seq_cls_keeps_the_head_trainable_and_saved(tmp_path):
     model = get_peft_model(bert_cls(), LoraConfig(r=4, task_type="SEQ_CLS"))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "base_model.classifier.modules_to_save.default.weight" in names
+    assert "base_model.model.classifier.modules_to_save.default.weight" in names
     model.save_pretrained(str(tmp_path))
     from safetensors.torch import load_file
 
@@ -103,7 +103,7 @@ def test_bias_modes_train_and_save_biases(bias, tmp_path):
     if bias == "all":
         assert len(trainable_biases) == sum(1 for n, _ in gpt2().named_parameters() if n.endswith("bias"))
     else:
-        assert sorted(trainable_biases) == [f"base_model.transformer.h.{i}.attn.c_attn.base_layer.bias" for i in range(2)]
+        assert sorted(trainable_biases) == [f"base_model.model.transformer.h.{i}.attn.c_attn.base_layer.bias" for i in range(2)]
     perturb_trainable(model)
     batch = inputs_for("gpt2")
     expected = logits(model, batch)
@@ -159,7 +159,7 @@ def test_multiple_adapters_add_switch_delete_save_load(tmp_path):
 
     fresh.delete_adapter("second")
     assert list(fresh.peft_config) == ["first"] and fresh.active_adapter == "first"
-    assert type(fresh.base_model.model.layers[0].self_attn.v_proj) is nn.Linear  # no adapter left there
+    assert type(fresh.base_model.model.model.layers[0].self_attn.v_proj) is nn.Linear  # no adapter left there
     assert (logits(fresh, batch) - out_first).abs().max() < 1e-6
     assert not any(".second" in n for n, _ in fresh.named_parameters())
 

@@ -29,7 +29,7 @@ CONFIGS = [
 def test_same_modules_as_peft(kind, kwargs):
     ours = peftkit.get_peft_model(FACTORIES[kind](), peftkit.LoraConfig(**kwargs))
     theirs = peft.get_peft_model(FACTORIES[kind](), peft.LoraConfig(**kwargs))
-    our_paths = sorted(n.replace("base_model.", "", 1) for n, m in ours.named_modules()
+    our_paths = sorted(n.replace("base_model.model.", "", 1) for n, m in ours.named_modules()
                        if isinstance(m, peftkit.methods.lora.LoraLayer))
     their_paths = sorted(n.replace("base_model.model.", "", 1) for n, m in theirs.named_modules()
                          if isinstance(m, peft.tuners.lora.LoraLayer))

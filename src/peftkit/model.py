@@ -20,7 +20,9 @@ from .config import PeftConfig, TaskType
 from .injection import add_modules_to_save, adapter_layers, eject_layers, inject_adapter
 from .methods import get_method
 from .methods.base import ModulesToSaveWrapper
+from .methods.prompt_learning import word_embeddings
 from .targeting import SEQ_CLS_HEAD_NAMES
+from .tuner import TunerModel
 from . import lm_head_split
 
 # Keyword arguments of a causal LM's forward that only its loss reads (not the backbone).
@@ -40,14 +42,16 @@ _SPLIT_KWARG_BLOCKERS = {
 class PeftModel(nn.Module):
     """Wraps a base model (modified in place) that carries one or more named adapters.
 
-    Attribute access and calls fall through to the base model, so `config`, `device` and
-    friends work as on the original. Prompt-learning adapters (prompt/prefix tuning) live in
+    The module tree is peft's: `base_model` is a `TunerModel` whose `.model` is the adapted
+    model (`get_base_model()`), so parameter names match peft's. Attribute access and calls
+    fall through to the adapted model, so `config`, `device` and friends work as on the original. Prompt-learning adapters (prompt/prefix tuning) live in
     `prompt_encoder` (one encoder per adapter) and take over `forward` and `generate`.
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        self.base_model = model
+        # peft's tree: a tuner between the PeftModel and a layer-adapted model (see tuner.py)
+        self.base_model = model if get_method(peft_config.peft_type).prompt_learning else TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self.prompt_encoder = nn.ModuleDict()
@@ -78,7 +82,7 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         encoder = self._active_prompt_encoder()
         if encoder is not None:
-            return encoder.run(self.base_model, args, kwargs)
+            return encoder.run(self.get_base_model(), args, kwargs)
         if not args and self.training and kwargs.get("labels") is not None and self.chunked_loss_blocker(kwargs) is None:
             return self._chunked_forward(kwargs)
         return self.base_model(*args, **kwargs)
@@ -94,7 +98,7 @@ class PeftModel(nn.Module):
         for key, blocks in _SPLIT_KWARG_BLOCKERS.items():
             if key in batch and blocks(batch[key]):
                 return f"{key}={batch[key]!r} asks for something the split does not compute"
-        return lm_head_split.split_blocker(self.base_model, self._split_inputs(batch))
+        return lm_head_split.split_blocker(self.get_base_model(), self._split_inputs(batch))
 
     def chunked_causal_lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss_sum fp32 0-d, n_targets int64 0-d): next-token cross-entropy summed over the
@@ -103,7 +107,7 @@ class PeftModel(nn.Module):
         reason = self.chunked_loss_blocker(batch)
         if reason is not None:
             raise ValueError(f"The chunked causal-LM loss does not apply: {reason}")
-        loss_sum, n, _ = lm_head_split.chunked_loss(self.base_model, self._split_inputs(batch))
+        loss_sum, n, _ = lm_head_split.chunked_loss(self.get_base_model(), self._split_inputs(batch))
         return loss_sum, n
 
     def _chunked_forward(self, kwargs: dict):
@@ -112,7 +116,7 @@ class PeftModel(nn.Module):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.get("num_items_in_batch")
-        loss_sum, n, outputs = lm_head_split.chunked_loss(self.base_model, self._split_inputs(kwargs))
+        loss_sum, n, outputs = lm_head_split.chunked_loss(self.get_base_model(), self._split_inputs(kwargs))
         denominator = n if num_items is None else num_items
         if isinstance(denominator, torch.Tensor):
             denominator = denominator.to(loss_sum.device)
@@ -129,7 +133,7 @@ class PeftModel(nn.Module):
         encoder = self._active_prompt_encoder()
         if encoder is None:
             return self.base_model.generate(*args, **kwargs)
-        return encoder.generate(self.base_model, args, kwargs)
+        return encoder.generate(self.get_base_model(), args, kwargs)
 
     def _active_prompt_encoder(self) -> nn.Module | None:
         if self._prompt_disabled or self.active_adapter not in self.prompt_encoder:
@@ -137,7 +141,9 @@ class PeftModel(nn.Module):
         return self.prompt_encoder[self.active_adapter]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The adapted transformers (or plain torch) model."""
+        base = self.base_model
+        return base.model if isinstance(base, TunerModel) else base
 
     # --- adapters ------------------------------------------------------------------------------
     @property
@@ -162,13 +168,16 @@ class PeftModel(nn.Module):
             heads = [n for n in SEQ_CLS_HEAD_NAMES if n not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + heads
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
+            model_config = getattr(self.get_base_model(), "config", None)
+            config.base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
         method = get_method(config.peft_type)
         if method.prompt_learning:
-            self.prompt_encoder[adapter_name] = method.create_encoder(self.base_model, config)
-            add_modules_to_save(self.base_model, config.modules_to_save or [], adapter_name)
+            if "word_embeddings" not in self._modules:  # peft's tree holds it here too (state_dict keys)
+                self.word_embeddings = word_embeddings(self.get_base_model())
+            self.prompt_encoder[adapter_name] = method.create_encoder(self.get_base_model(), config)
+            add_modules_to_save(self.get_base_model(), config.modules_to_save or [], adapter_name)
         else:
-            inject_adapter(self.base_model, method, config, adapter_name)
+            inject_adapter(self.get_base_model(), method, config, adapter_name)
         self.peft_config[adapter_name] = config
         self._apply_active()
 
@@ -183,12 +192,12 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}")
         if len(self.peft_config) == 1:
             raise ValueError(f"Cannot delete {adapter_name!r}, the only adapter; use unload() to get the base model back")
-        for _, layer in adapter_layers(self.base_model):
+        for _, layer in adapter_layers(self.get_base_model()):
             layer.delete_adapter(adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
-        eject_layers(self.base_model, merge=False, only_empty=True)
+        eject_layers(self.get_base_model(), merge=False, only_empty=True)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config))
         self._apply_active()
@@ -197,19 +206,19 @@ class PeftModel(nn.Module):
         """Activate `active_adapter` in every layer and set exactly its parameters trainable."""
         config = self.peft_config[self.active_adapter]
         trainable = not config.inference_mode
-        for _, layer in adapter_layers(self.base_model):
+        for _, layer in adapter_layers(self.get_base_model()):
             layer.set_adapter(self.active_adapter, trainable=trainable)
         for name, encoder in self.prompt_encoder.items():
             encoder.requires_grad_(trainable and name == self.active_adapter)
         bias = getattr(config, "bias", "none")
         if bias != "none":
-            for _, param in trained_bias_params(self.base_model, bias):
+            for _, param in trained_bias_params(self.get_base_model(), bias):
                 param.requires_grad_(trainable)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes exactly the base model's output."""
-        layers = [layer for _, layer in adapter_layers(self.base_model)]
+        layers = [layer for _, layer in adapter_layers(self.get_base_model())]
         previous = [layer.disabled for layer in layers]
         prompt_was_disabled = self._prompt_disabled
         for layer in layers:
@@ -231,26 +240,26 @@ class PeftModel(nn.Module):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._refuse_merge()
-        for _, layer in adapter_layers(self.base_model):
+        for _, layer in adapter_layers(self.get_base_model()):
             if not isinstance(layer, ModulesToSaveWrapper):
                 layer.merge(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in adapter_layers(self.base_model):
+        for _, layer in adapter_layers(self.get_base_model()):
             layer.unmerge()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the active adapter into the base weights and return the plain base model."""
         self._refuse_merge()
-        eject_layers(self.base_model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        eject_layers(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
         fast_attention.disable_fast_attention(self)  # if enable_fast_attention routed it
-        return self.base_model
+        return self.get_base_model()
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer (no merge) and return the original base model."""
-        eject_layers(self.base_model, merge=False)
+        eject_layers(self.get_base_model(), merge=False)
         fast_attention.disable_fast_attention(self)  # if enable_fast_attention routed it
-        return self.base_model
+        return self.get_base_model()
 
     # --- parameters ------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -270,12 +279,12 @@ class PeftModel(nn.Module):
             raise ValueError(f"{self.peft_type} does not work with gradient checkpointing: transformers drops the "
                              f"key/value cache that carries its prefix inside checkpointed layers")
         kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self._make_inputs_require_grad()
 
     def _make_inputs_require_grad(self) -> None:
-        if hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        if hasattr(self.get_base_model(), "enable_input_require_grads"):
+            self.get_base_model().enable_input_require_grads()
 
     # --- save / load ----------------------------------------------------------------------------
     def _adapter_dir(self, save_directory: str, adapter_name: str) -> str:
@@ -286,8 +295,8 @@ class PeftModel(nn.Module):
         name = adapter_name or self.active_adapter
         if name in self.prompt_encoder:
             embeddings = self.prompt_encoder[name].saved_embeddings().detach().cpu()
-            return collect_prompt_learning_state(self.base_model, name, embeddings)
-        return collect_adapter_state(self.base_model, name, getattr(self.peft_config[name], "bias", "none"))
+            return collect_prompt_learning_state(self.get_base_model(), name, embeddings)
+        return collect_adapter_state(self.get_base_model(), name, getattr(self.peft_config[name], "bias", "none"))
 
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
                         is_main_process: bool = True, **_: object) -> None:
@@ -336,12 +345,12 @@ class PeftModel(nn.Module):
         """Copy `state` (PEFT keys) into the existing adapter in place, so that optimizer state
         that refers to its parameters stays valid; returns missing / unexpected keys."""
         if adapter_name in self.prompt_encoder:
-            report, embeddings = load_prompt_learning_weights(self.base_model, adapter_name, state)
+            report, embeddings = load_prompt_learning_weights(self.get_base_model(), adapter_name, state)
             if embeddings is not None:
                 self.prompt_encoder[adapter_name].load_saved_embeddings(embeddings)
         else:
             bias = getattr(self.peft_config[adapter_name], "bias", "none")
-            report = load_adapter_weights(self.base_model, adapter_name, state, bias)
+            report = load_adapter_weights(self.get_base_model(), adapter_name, state, bias)
         self._apply_active()
         return report
 

@@ -43,7 +43,7 @@ def test_finds_and_compiles_the_layer_stack_in_place():
     model = lora_llama()
     keys = list(model.state_dict())
     layers = find_decoder_layers(model)
-    assert layers == list(model.base_model.model.layers)
+    assert layers == list(model.base_model.model.model.layers)
     assert [type(m).__name__ for m in find_decoder_layers(tiny_models.gpt2())] == ["GPT2Block"] * 2
     assert compile_decoder_layers(model, backend="eager") == 2
     assert list(model.state_dict()) == keys  # in place: no `_orig_mod.` in parameter names
@@ -64,7 +64,7 @@ class _Plain(nn.Module):
 
 def _adapted_linear(**lora) -> LoraLinear:
     model = lora_llama(**lora)
-    layer = model.base_model.model.layers[0].self_attn.q_proj
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoraLinear)
     return layer
 

@@ -209,3 +209,29 @@ def test_a_few_adamw_steps_lower_the_loss(case):
     with torch.no_grad():
         final = _loss(model, batch).item()
     assert final < losses[0] - 0.01, (losses, final)
+
+
+TREE_CASES = CASES + [
+    _case("lora-llama-head", llama, "llama", LORA, dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+]
+
+
+@pytest.mark.parametrize("case", TREE_CASES, ids=[c.id for c in TREE_CASES])
+def test_same_module_tree_and_names_as_peft(case):
+    # Code written for peft navigates model.base_model.model..., builds optimizer groups and
+    # FSDP policies from parameter names and loads PeftModel.state_dict()s saved with peft.
+    ours = peftkit.get_peft_model(case.make_model(), case.ours())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(case.make_model(), case.theirs())
+    named = lambda m: {n: (tuple(p.shape), p.requires_grad) for n, p in m.named_parameters()}  # noqa: E731
+    assert named(ours) == named(theirs)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert type(ours.get_base_model()) is type(theirs.get_base_model())
+    # a state dict saved from peft loads into peftkit's model with nothing missing or left over
+    perturb_trainable(theirs, seed=5)
+    result = ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    batch = inputs_for(case.kind)
+    torch.testing.assert_close(logits(ours.eval(), batch), logits(theirs.eval(), batch), rtol=1e-5, atol=1e-5)

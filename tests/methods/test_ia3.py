@@ -68,10 +68,10 @@ def test_feedforward_list_entries_match_as_plain_suffixes():
     # PEFT tests `key.endswith(name)`, without a dot: "proj" marks every *_proj as feedforward.
     model = peftkit.get_peft_model(FACTORIES["llama"](), IA3Config(
         target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]))
-    layer = model.base_model.model.layers[0]
+    layer = model.base_model.model.model.layers[0]
     assert layer.mlp.down_proj.is_feedforward["default"] and not layer.self_attn.q_proj.is_feedforward["default"]
     model = peftkit.get_peft_model(FACTORIES["llama"](), IA3Config(target_modules=r".*_proj", feedforward_modules=["proj"]))
-    assert model.base_model.model.layers[0].self_attn.q_proj.is_feedforward["default"]
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.is_feedforward["default"]
 
 
 def test_output_scaling_is_the_plain_math():
@@ -80,10 +80,10 @@ def test_output_scaling_is_the_plain_math():
     l0 = torch.tensor([[0.5], [2.0], [-1.0], [3.0]])
     l1 = torch.tensor([[1.5, 0.0, 2.0, -0.5]])
     with torch.no_grad():
-        model.base_model[0].ia3_l["default"].copy_(l0)
-        model.base_model[1].ia3_l["default"].copy_(l1)
+        model.base_model.model[0].ia3_l["default"].copy_(l0)
+        model.base_model.model[1].ia3_l["default"].copy_(l1)
     x = torch.randn(5, 6)
-    lin0, lin1 = model.base_model[0].base_layer, model.base_model[1].base_layer
+    lin0, lin1 = model.base_model.model[0].base_layer, model.base_model.model[1].base_layer
     expected = lin1(lin0(x) * l0.flatten() * l1.flatten())
     with torch.no_grad():
         assert torch.allclose(model(x), expected, atol=1e-6)
@@ -100,10 +100,10 @@ def test_output_scaling_is_the_plain_math():
 def test_safe_merge_refuses_non_finite_results():
     model = peftkit.get_peft_model(nn.Sequential(nn.Linear(4, 4)), IA3Config(target_modules=["0"], feedforward_modules=[]))
     with torch.no_grad():
-        model.base_model[0].ia3_l["default"][0, 0] = float("inf")
+        model.base_model.model[0].ia3_l["default"][0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN/inf"):
         model.merge_adapter(safe_merge=True)
-    assert not model.base_model[0].merged
+    assert not model.base_model.model[0].merged
 
 
 def test_config_problems_are_reported_together():

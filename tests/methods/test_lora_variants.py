@@ -21,7 +21,7 @@ GPT2_TARGETS = ["c_attn", "c_fc"]
 
 def _ours(model) -> dict:
     """Parameters keyed by their path inside the base model (common to both libraries)."""
-    return {k.removeprefix("base_model."): v for k, v in model.named_parameters()}
+    return {k.removeprefix("base_model.model."): v for k, v in model.named_parameters()}
 
 
 def _theirs(model) -> dict:
@@ -81,7 +81,7 @@ def test_bf16_base_is_decomposed_in_fp32_and_cast_back_like_peft(init):
             assert torch.equal(tensor.to(torch.bfloat16).float(), reference[name]), name
         else:
             assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, reference[name]), name
-    layer = ours.base_model.model.layers[0].mlp.down_proj
+    layer = ours.base_model.model.model.layers[0].mlp.down_proj
     rebuilt = layer.base_layer.weight.float() + layer.get_delta_weight("default")
     before = original["model.layers.0.mlp.down_proj.base_layer.weight"].float()
     assert (rebuilt - before).abs().max() <= 2 * before.abs().max() * 2 ** -8  # bf16 rounding of the residual
@@ -239,7 +239,7 @@ def test_add_weighted_adapter_equals_peft(case, tmp_path):
     ours, theirs = model.peft_config["mix"], reference.peft_config["mix"]
     assert (ours.r, ours.lora_alpha) == (theirs.r, theirs.lora_alpha)
     assert set(ours.target_modules) == set(theirs.target_modules)
-    layers = {p: m for p, m in model.base_model.named_modules() if isinstance(m, LoraLayer) and "mix" in m.adapter_names}
+    layers = {p: m for p, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer) and "mix" in m.adapter_names}
     assert layers and set(layers) == {p for p, m in reference.base_model.model.named_modules()
                                       if hasattr(m, "lora_A") and "mix" in m.scaling}
     for path, layer in layers.items():
@@ -262,7 +262,7 @@ def test_dare_uses_the_global_rng_like_peft(tmp_path):
     add_weighted_adapter(model, ["default", "other"], [1.0, 0.5], "mix", **options)
     torch.manual_seed(11)
     reference.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", **options)
-    for path, layer in model.base_model.named_modules():
+    for path, layer in model.get_base_model().named_modules():
         if isinstance(layer, LoraLayer) and "mix" in layer.adapter_names:
             expected = reference.base_model.model.get_submodule(path).get_delta_weight("mix")
             assert torch.allclose(layer.get_delta_weight("mix"), expected, atol=1e-6), path
@@ -274,7 +274,7 @@ def test_svd_combination_is_exact_with_enough_rank_even_for_rslora(tmp_path):
                              dict(r=2, lora_alpha=2, target_modules=["q_proj"], use_rslora=True), tmp_path)
     add_weighted_adapter(model, ["default", "other"], [0.5, 2.0], "mix", combination_type="svd", svd_rank=6)
     add_weighted_adapter(model, ["default", "other"], [0.5, 2.0], "joined", combination_type="cat")
-    layer = model.base_model.model.layers[1].self_attn.q_proj
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
     expected = 0.5 * layer.get_delta_weight("default") + 2.0 * layer.get_delta_weight("other")
     assert (layer.get_delta_weight("mix") - expected).abs().max() <= 1e-5
     assert (layer.get_delta_weight("joined") - expected).abs().max() <= 1e-5

@@ -146,7 +146,7 @@ def test_gradients_match_peft(method, kwargs, tmp_path):
     for model in (reference, loaded):
         model(**batch, labels=batch["input_ids"]).loss.backward()
     theirs = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    ours = {"base_model.model." + n[len("base_model."):]: p.grad for n, p in loaded.named_parameters() if p.requires_grad}
+    ours = {n: p.grad for n, p in loaded.named_parameters() if p.requires_grad}
     assert sorted(ours) == sorted(theirs)
     for name, grad in ours.items():
         assert torch.allclose(grad, theirs[name], atol=1e-6, rtol=1e-4), name
@@ -189,7 +189,7 @@ def test_module_dropout_one_skips_the_adapter_only_while_training():
     batch = inputs_for("llama")
     with model.disable_adapter():
         plain = logits(model, batch)
-    assert not model.base_model.model.layers[0].self_attn.q_proj.training  # follows the eval-mode model
+    assert not model.base_model.model.model.layers[0].self_attn.q_proj.training  # follows the eval-mode model
     assert (logits(model, batch) - plain).abs().max() > 1e-4
     assert torch.equal(logits(model.train(), batch), plain)
 
@@ -246,7 +246,7 @@ def test_several_adapters_switch_save_load_and_delete(tmp_path):
                                    adapter_name="first")
     model.add_adapter("second", LoKrConfig(r=1, target_modules=["q_proj", "up_proj"], decompose_both=True,
                                            init_weights=False))
-    q_proj = model.base_model.model.layers[0].self_attn.q_proj
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.adapter_names == ["first", "second"]
     assert "second" in q_proj.lokr_w1_a and "second" not in q_proj.lokr_w1  # layouts differ per adapter
     out_first = logits(model, batch)
@@ -262,6 +262,6 @@ def test_several_adapters_switch_save_load_and_delete(tmp_path):
     fresh.set_adapter("second")
     assert (logits(fresh, batch) - out_second).abs().max() < 1e-6
     fresh.delete_adapter("second")
-    assert type(fresh.base_model.model.layers[0].mlp.up_proj) is nn.Linear
-    assert fresh.base_model.model.layers[0].self_attn.q_proj.adapter_names == ["first"]
+    assert type(fresh.base_model.model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert fresh.base_model.model.model.layers[0].self_attn.q_proj.adapter_names == ["first"]
     assert (logits(fresh, batch) - out_first).abs().max() < 1e-6

@@ -157,6 +157,8 @@ class ModulesToSaveWrapper(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
         super().__init__(base_layer)
+        # peft names the wrapped module `original_module` here (parameter and state_dict keys)
+        self.original_module = self._modules.pop("base_layer")
         self.modules_to_save = nn.ModuleDict()
         self.add_copy(adapter_name)
 
@@ -185,6 +187,10 @@ class ModulesToSaveWrapper(AdapterLayer):
                     )
                 target.copy_(state[key].to(device=target.device, dtype=target.dtype))
         return missing
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.original_module
 
     def merge(self, names=None, safe_merge=False) -> None:
         pass  # a replaced module has nothing to fold in; merge_and_unload swaps the copy in

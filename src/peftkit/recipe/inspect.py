@@ -122,7 +122,7 @@ def inspect_model(model: str, config_path: str | None = None, overrides: list[st
         return report
     report.target_modules = getattr(adapted.peft_config["default"], "target_modules", None)
     by_name = {g.name: g for g in groups}
-    for path, module in adapted.base_model.named_modules():
+    for path, module in adapted.get_base_model().named_modules():
         if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
             report.matched_paths.append(path)
             group = by_name.get(path.rsplit(".", 1)[-1])

@@ -68,7 +68,7 @@ def add_weighted_adapter(
 
 def _fill(peft_model, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
           majority_sign_method) -> None:
-    for path, layer in peft_model.base_model.named_modules():
+    for path, layer in peft_model.get_base_model().named_modules():
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapter_names:
             continue
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
@@ -129,7 +129,7 @@ def _validate(peft_model, adapters, weights, adapter_name, combination_type, svd
     kinds = {a: type(configs[a].target_modules).__name__ for a in known}
     if len(set(kinds.values())) > 1:
         problems.append(f"target_modules of {known} mix lists and regex strings ({kinds}); cannot build their union")
-    shared = [path for path, m in peft_model.base_model.named_modules() if isinstance(m, ModulesToSaveWrapper)
+    shared = [path for path, m in peft_model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)
               and sum(a in m.modules_to_save for a in known) > 1]
     if shared:
         problems.append(f"adapters {known} each hold a modules_to_save copy of {shared}; such copies cannot be combined")
