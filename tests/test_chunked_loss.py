@@ -295,3 +295,18 @@ def test_ddp_like_wrapper_goes_through_the_forward():
     ref_loss, ref_n = causal_lm_loss(inner, batch)
     assert int(n) == int(ref_n)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bert_cls"])
+def test_models_that_are_not_causal_lms_keep_their_own_loss(arch):
+    # T5 turns labels into decoder inputs; a classifier's labels are classes: their forward runs.
+    base = getattr(tiny_models, arch)()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q", "v"] if arch == "t5" else ["query", "value"]))
+    model.train()
+    batch = tiny_models.inputs_for(arch if arch == "t5" else "bert")
+    batch.pop("decoder_input_ids", None)  # T5 makes them from the labels
+    labels = batch["input_ids"] if arch == "t5" else torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    assert "not a decoder-only causal LM" in model.chunked_loss_blocker(dict(batch, labels=labels))
+    out = model(**batch, labels=labels)
+    assert out.logits is not None and torch.isfinite(out.loss)
+

@@ -97,7 +97,18 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, (FSDPModule, FullyShardedDataParallel))
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
 def _static_blocker(model: nn.Module) -> str | None:
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not _is_causal_lm(model):
+        # e.g. a seq2seq model turns labels into decoder inputs: its loss is not next-token
+        # cross-entropy over the tokens the backbone is given.
+        return f"{type(model).__name__} is not a decoder-only causal LM"
     backbone = model.base_model
     if backbone is model:
         return f"{type(model).__name__} has no separate backbone (base_model_prefix)"
