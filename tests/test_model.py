@@ -301,3 +301,22 @@ def test_adapters_on_a_meta_device_model_count_parameters_without_weights():
     real = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
     assert model.get_nb_trainable_parameters() == real.get_nb_trainable_parameters()
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_disable_adapter_is_exact_in_bf16_training_with_fast_attention_and_labels():
+    # A DPO-style reference pass: train mode, bf16, the attention kernel enabled, labels given.
+    from peftkit import enable_fast_attention
+    from peftkit.fast_attention import fast_attention_enabled
+
+    base = llama().to(torch.bfloat16).train()
+    batch = inputs_for("llama")
+    expected = base(**batch, labels=batch["input_ids"])
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).train()
+    perturb_trainable(model)
+    assert enable_fast_attention(model) > 0
+    with model.disable_adapter():
+        assert not fast_attention_enabled(model.get_base_model())
+        out = model(**batch, labels=batch["input_ids"])
+        assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
+    assert fast_attention_enabled(model.get_base_model())
+    assert model(**batch, labels=batch["input_ids"]).logits is None  # the chunked loss again

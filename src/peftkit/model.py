@@ -55,7 +55,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self.prompt_encoder = nn.ModuleDict()
-        self._prompt_disabled = False
+        self._adapters_disabled = False
         for param in model.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
@@ -93,6 +93,8 @@ class PeftModel(nn.Module):
         apply to this model and batch, or None when it applies."""
         if not self.chunked_loss:
             return "model.chunked_loss is False"
+        if self._adapters_disabled:
+            return "adapters are disabled (disable_adapter): the base model's own forward runs"
         if self._active_prompt_encoder() is not None:
             return f"a prompt-learning adapter ({self.peft_type}) is active: it changes the inputs of the forward"
         for key, blocks in _SPLIT_KWARG_BLOCKERS.items():
@@ -136,7 +138,7 @@ class PeftModel(nn.Module):
         return encoder.generate(self.get_base_model(), args, kwargs)
 
     def _active_prompt_encoder(self) -> nn.Module | None:
-        if self._prompt_disabled or self.active_adapter not in self.prompt_encoder:
+        if self._adapters_disabled or self.active_adapter not in self.prompt_encoder:
             return None
         return self.prompt_encoder[self.active_adapter]
 
@@ -217,19 +219,27 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model computes exactly the base model's output."""
+        """Within the block the model computes exactly the base model's output: no adapter
+        layer or prompt encoder adds anything, the forward is the base model's own (full logits,
+        its own loss) and attention is transformers' own even where `enable_fast_attention`
+        routed it (a DPO-style reference pass must not differ from the plain base model)."""
         layers = [layer for _, layer in adapter_layers(self.get_base_model())]
         previous = [layer.disabled for layer in layers]
-        prompt_was_disabled = self._prompt_disabled
+        was_disabled = self._adapters_disabled
+        routed = fast_attention.fast_attention_enabled(self.get_base_model())
         for layer in layers:
             layer.disabled = True
-        self._prompt_disabled = True
+        self._adapters_disabled = True
+        if routed:
+            fast_attention.disable_fast_attention(self.get_base_model())
         try:
             yield
         finally:
+            if routed:
+                fast_attention.enable_fast_attention(self.get_base_model())
             for layer, was in zip(layers, previous):
                 layer.disabled = was
-            self._prompt_disabled = prompt_was_disabled
+            self._adapters_disabled = was_disabled
 
     # --- merge / unload ------------------------------------------------------------------------
     def _refuse_merge(self) -> None:
