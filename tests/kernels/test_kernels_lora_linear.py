@@ -1,5 +1,7 @@
-"""lora_linear (fused autograd) against lora_linear_reference (plain F.linear / F.dropout)."""
+"""lora_linear (fused autograd) against lora_linear_reference (plain F.linear, as peft composes it)."""
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from peftkit.kernels import dropout_keep_mask, lora_linear, lora_linear_reference
+
+lora_linear_module = importlib.import_module("peftkit.kernels.lora_linear")  # the package re-exports the function
 
 IN, OUT, R = 24, 40, 4
 
@@ -105,6 +109,37 @@ def test_bf16_base_with_fp32_masters(bias):
         assert fast_err <= 2 * ref_err + 2 ** -9 * scale, (i, fast_err, ref_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_masters_keep_the_branch_in_fp32_as_peft(dtype):
+    # peft casts x to lora_A's dtype: with fp32 masters the branch and A's and B's gradients are
+    # fp32 computations on the (exactly upcast) low-precision x, the sum is rounded once. The
+    # reference is that composition; the fused op must be as precise on every output.
+    args = make((4, 16), dtype=dtype, bias=True)
+    fast = run(lora_linear, *args)
+    ref = run(lora_linear_reference, *args)
+    truth = _truth_fp32(args)
+    torch.testing.assert_close(fast[0], ref[0], atol=0, rtol=0)  # both: base rounded, + fp32 branch, rounded
+    for i in (4, 5):  # A, B: fp32 arithmetic, only the order of its roundings differs
+        assert (fast[i] - truth[i]).abs().max() <= 1e-5 * truth[i].abs().max(), i
+    # dL/dx: peft rounds the base part, the branch part and their sum; the fused op the sum only
+    assert (fast[1].float() - truth[1]).abs().mean() <= (ref[1].float() - truth[1]).abs().mean()
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_wide_branch_in_row_blocks_matches_one_block(monkeypatch, fan_in_fan_out):
+    # The fp32 branch on a bf16 base works through its fp32 temporaries a block of rows at a
+    # time; blocks of 4 rows (and a 2-row tail: 42 rows) must give the one-block result, the
+    # dropout mask's bytes included.
+    args = make((6, 7), dtype=torch.bfloat16, bias=True, fan_in_fan_out=fan_in_fan_out)
+    kw = dict(dropout_p=P, training=True, dropout_seed=5, fan_in_fan_out=fan_in_fan_out)
+    whole = run(lora_linear, *args, **kw)
+    monkeypatch.setattr(lora_linear_module, "WIDE_BLOCK_BYTES", 4 * IN * 4)
+    assert len(list(lora_linear_module._blocks(42, IN, torch.float32))) == 11
+    blocked = run(lora_linear, *args, **kw)
+    assert_all_close(blocked, whole, atol=1e-5, rtol=1e-5)  # fp32 sums over blocks, in another order
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+
+
 def test_autocast_bf16_behaves_like_autocast_linear():
     x, w, b, A, B, g = make((3, 8), bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -132,6 +167,18 @@ def test_dropout_matches_reference_with_the_same_mask():
     fast = run(lora_linear, *args, dropout_p=P, training=True, dropout_seed=1234)
     ref = run(lora_linear_reference, *args, dropout_p=P, training=True, dropout_seed=1234)
     assert_all_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_draws_the_fused_mask_under_the_same_manual_seed():
+    # With fast paths off a run must see the masks it sees with them on: both draw the seed from
+    # torch's generator the same way and use the same counter-based mask.
+    args = make((5, 6), bias=True)
+    torch.manual_seed(11)
+    fast = run(lora_linear, *args, dropout_p=P, training=True)
+    torch.manual_seed(11)
+    ref = run(lora_linear_reference, *args, dropout_p=P, training=True)
+    assert_all_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(run(lora_linear_reference, *args, dropout_p=P, training=True)[0], ref[0])
 
 
 def test_dropout_output_and_grads_follow_the_seeded_mask():
@@ -258,10 +305,11 @@ def test_saves_x_once_in_its_own_dtype(p):
     x, w, b, A, B, _ = make((64,), dtype=torch.bfloat16)
     fast = saved_activation_bytes(lambda: lora_linear(x, w, b, A, B, 2.0, p, True), [w, A, B])
     ref = saved_activation_bytes(lambda: lora_linear_reference(x, w, b, A, B, 2.0, p, True), [w, A, B])
-    # x (bf16) plus the [N, r] intermediate, and with dropout the keep-mask at 2 bits per
-    # element (one byte per 4); no dropped copy, no fp32 upcast
+    # x (bf16) plus the [N, r] intermediate (in the branch dtype: fp32 for fp32 masters, as
+    # peft), and with dropout the keep-mask at 2 bits per element (one byte per 4); no dropped
+    # copy, no fp32 copy of x
     mask_bytes = (x.numel() + 3) // 4 if p > 0 else 0
-    assert fast == x.numel() * 2 + 64 * R * 2 + mask_bytes
+    assert fast == x.numel() * 2 + 64 * R * 4 + mask_bytes
     if p > 0:
         assert ref >= fast + x.numel() * 2  # the reference keeps a dropped copy and a mask
 

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from ..base import AdapterLayer
 from ...kernels import dora_weight_norm, fast_paths_enabled, lora_linear, weight_row_sq_norm
+from ...kernels._dispatch import compute_dtype
+from ...kernels.lora_linear import branch_dtype, lora_dropout
 from . import dora, init
 
 
@@ -151,39 +153,52 @@ class Linear(LoraLayer):
             fast = self._fused_forward(x, self.active_adapters[0])
             if fast is not None:
                 return fast
+        # The plain path, as peft computes it: each branch in the adapters' dtype (fp32 masters:
+        # fp32) added to the base output, the sum rounded to the base output's dtype once. The
+        # dropout mask is the fused op's (`lora_dropout`: counter-based, its seed drawn from
+        # torch's generator the same way), so a run with fast paths off reproduces one with them on.
         result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
         for name in self.active_adapters:
             lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
-            dropout = self.lora_dropout[name]
+            p = self._dropout_p(name)
             if self.use_dora[name]:
                 result = dora.dora_linear(
                     x, result, self.weight_out_in(), self.base_layer.bias, lora_A, lora_B,
-                    self.lora_magnitude_vector[name], self.scaling[name],
-                    dropout if isinstance(dropout, nn.Dropout) else None, norm=self._dora_norm(name))
+                    self.lora_magnitude_vector[name], self.scaling[name], p, norm=self._dora_norm(name))
             else:
-                x_in = dropout(x).to(lora_A.dtype)
-                result = result + (F.linear(F.linear(x_in, lora_A), lora_B) * self.scaling[name]).to(result.dtype)
-        return result
+                x_in = lora_dropout(x.to(lora_A.dtype), p)
+                result = result + F.linear(F.linear(x_in, lora_A), lora_B) * self.scaling[name]
+        return result.to(dtype)
+
+    def _dropout_p(self, name: str) -> float:
+        """The LoRA dropout probability in effect now (0 outside training)."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
 
     def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """Base + LoRA as one autograd node (`kernels.lora_linear`); None where it does not apply.
 
         DoRA without active dropout is m / ||W + sBA|| * (x W^T + s x A^T B^T) + b, the same
-        fused node scaled per output row. PEFT's DoRA with dropout recomputes the base on the
-        dropped input; that case keeps the plain path.
+        fused node scaled per output row. As in peft the scale multiplies in fp32 (the branch
+        dtype) and the result is rounded once: rounded to bf16 first, a scale near 1 would move
+        in steps of 2^-8 and ignore small updates of the magnitude. PEFT's DoRA with dropout
+        recomputes the base on the dropped input; that case keeps the plain path.
         """
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = self._dropout_p(name)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_A, lora_B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         if not self.use_dora[name]:
             return lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, self.training, self.fan_in_fan_out)
-        if self.training and p > 0:
+        if p > 0:
             return None
-        scale = self.lora_magnitude_vector[name] / self._dora_norm(name)
-        out = lora_linear(x, weight, None, lora_A, lora_B, scaling, 0.0, False, self.fan_in_fan_out)
-        out = out * scale.to(out.dtype)
-        return out if bias is None else out + bias
+        magnitude = self.lora_magnitude_vector[name]
+        wide = torch.promote_types(branch_dtype(x, lora_A, lora_B), magnitude.dtype)
+        out = lora_linear(x, weight, None, lora_A, lora_B, scaling, 0.0, False, self.fan_in_fan_out, out_dtype=wide)
+        out = out * (magnitude / self._dora_norm(name)).to(wide)
+        if bias is not None:
+            out = out + bias.to(wide)
+        return out.to(compute_dtype(x))
 
 
 def _plain_linear_types() -> tuple[type, ...]:
