@@ -91,12 +91,12 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, state: dict[str, t
         for path, tensor in trained_bias_params(model, bias):
             key = f"{PREFIX}{path}"
             if key in remaining:
-                _copy_checked(tensor, remaining.pop(key), key)
+                copy_checked(tensor, remaining.pop(key), key)
             else:
                 report.missing_keys.append(key)
         for key, tensor in (extra or {}).items():
             if key in remaining:
-                _copy_checked(tensor, remaining.pop(key), key)
+                copy_checked(tensor, remaining.pop(key), key)
             else:
                 report.missing_keys.append(key)
     report.unexpected_keys = sorted(remaining)
@@ -109,14 +109,18 @@ def _load_saved_embedding_base(layer: SavedAdapterLayer, prefix: str, remaining:
     key = f"{prefix}base_layer.weight"
     if key in remaining and isinstance(layer.base_layer, nn.Embedding):
         with torch.no_grad():
-            _copy_checked(layer.base_layer.weight, remaining.pop(key), key)
+            copy_checked(layer.base_layer.weight, remaining.pop(key), key)
 
 
-def _copy_checked(target: torch.Tensor, source: torch.Tensor, key: str) -> None:
+def copy_checked(target: torch.Tensor, source: torch.Tensor, key: str, layout: str | None = None) -> None:
+    """Copy a saved tensor into the model's `target` in place; a shape mismatch raises naming
+    `key`, both shapes and (if given) the expected `layout`, e.g. "[num_virtual_tokens, token_dim]"."""
     if tuple(target.shape) != tuple(source.shape):
-        raise ValueError(f"Shape mismatch for {key}: the model expects {tuple(target.shape)} "
+        hint = f" ({layout})" if layout else ""
+        raise ValueError(f"Shape mismatch for {key}: the model expects {tuple(target.shape)}{hint} "
                          f"but the adapter file has {tuple(source.shape)}")
-    target.data.copy_(source.to(device=target.device, dtype=target.dtype))
+    with torch.no_grad():
+        target.data.copy_(source.to(device=target.device, dtype=target.dtype))
 
 
 # --- prompt learning -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..checkpoint import SavedAdapterLayer
+from ..checkpoint import SavedAdapterLayer, copy_checked
 
 
 class AdapterLayer(SavedAdapterLayer):
@@ -100,13 +100,7 @@ class AdapterLayer(SavedAdapterLayer):
             if key not in state:
                 missing.append(key)
                 continue
-            source = state[key]
-            if tuple(source.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"Shape mismatch for {where}.{key}: the model expects {tuple(target.shape)} "
-                    f"but the adapter file has {tuple(source.shape)}"
-                )
-            target.copy_(source.to(device=target.device, dtype=target.dtype))
+            copy_checked(target, state[key], f"{where}.{key}")
         return missing
 
     # --- merging ---------------------------------------------------------------------------
@@ -180,12 +174,7 @@ class ModulesToSaveWrapper(AdapterLayer):
         missing = [k for k in own if k not in state]
         for key, target in own.items():
             if key in state:
-                if tuple(state[key].shape) != tuple(target.shape):
-                    raise ValueError(
-                        f"Shape mismatch for {where}.{key}: the model expects {tuple(target.shape)} "
-                        f"but the adapter file has {tuple(state[key].shape)}"
-                    )
-                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+                copy_checked(target, state[key], f"{where}.{key}")
         return missing
 
     @property

@@ -6,6 +6,7 @@ import warnings
 
 import torch.nn as nn
 
+from ...targeting import is_conv1d
 from .. import Method, register
 from .config import IA3Config
 from .layer import IA3Linear
@@ -75,7 +76,7 @@ def create_layer(module: nn.Module, key: str, config: IA3Config, adapter_name: s
         if config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key} is nn.Linear; using fan_in_fan_out=False for it")
         layer = IA3Linear(module, fan_in_fan_out=False)
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    elif is_conv1d(module):
         layer = IA3Linear(module, fan_in_fan_out=True)  # GPT-2 Conv1D stores the weight as [in, out]
     else:
         return None

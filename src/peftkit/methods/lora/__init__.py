@@ -6,6 +6,7 @@ import warnings
 
 import torch.nn as nn
 
+from ...targeting import is_conv1d
 from .. import Method, register
 from ..default_targets import LORA_FAMILY_TARGETS as DEFAULT_TARGETS
 from .config import LoraConfig
@@ -34,7 +35,7 @@ def create_layer(module: nn.Module, key: str, config: LoraConfig, adapter_name: 
         if config.fan_in_fan_out:
             warnings.warn(f"fan_in_fan_out=True but {key} is nn.Linear; using fan_in_fan_out=False for it")
         layer = Linear(module, fan_in_fan_out=False)
-    elif _is_conv1d(module):
+    elif is_conv1d(module):
         layer = Linear(module, fan_in_fan_out=True)  # GPT-2 Conv1D stores the weight as [in, out]
     elif isinstance(module, nn.Embedding):
         layer = Embedding(module)
@@ -44,10 +45,6 @@ def create_layer(module: nn.Module, key: str, config: LoraConfig, adapter_name: 
         return None
     layer.update_layer(adapter_name, **kwargs)
     return layer
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 register(Method(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ...checkpoint import copy_checked
 from ..prompt_learning import PromptLearningEncoder, cache_argument, check_filled, fill_from_model
 from .config import PrefixTuningConfig
 
@@ -110,12 +111,8 @@ class PrefixEncoder(PromptLearningEncoder):
             raise ValueError("This PREFIX_TUNING adapter has prefix_projection=True: its file holds only the projected "
                              "prefix (prompt_embeddings), not the projection MLP (PEFT's format), so it can be loaded "
                              "for inference (is_trainable=False) but not trained further with the projection")
-        target = self.embedding.weight
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"Shape mismatch for prompt_embeddings: the model expects {tuple(target.shape)} "
-                             f"([num_virtual_tokens, num_layers * 2 * token_dim]) but the adapter file has "
-                             f"{tuple(tensor.shape)}")
-        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        copy_checked(self.embedding.weight, tensor, "prompt_embeddings",
+                     "[num_virtual_tokens, num_layers * 2 * token_dim]")
 
 
 def _fill_kv_shape(config: PrefixTuningConfig, data: dict) -> None:

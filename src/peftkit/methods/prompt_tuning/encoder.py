@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ...checkpoint import copy_checked
 from ...config import TaskType
 from .config import PromptTuningConfig, PromptTuningInit
 from ..prompt_learning import PromptLearningEncoder, check_filled, fill_from_model, word_embeddings
@@ -92,11 +93,7 @@ class PromptEmbedding(PromptLearningEncoder):
 
     @torch.no_grad()
     def load_saved_embeddings(self, tensor: torch.Tensor) -> None:
-        target = self.embedding.weight
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"Shape mismatch for prompt_embeddings: the model expects {tuple(target.shape)} "
-                             f"([num_virtual_tokens, token_dim]) but the adapter file has {tuple(tensor.shape)}")
-        target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        copy_checked(self.embedding.weight, tensor, "prompt_embeddings", "[num_virtual_tokens, token_dim]")
 
 
 def create_encoder(model: nn.Module, config: PromptTuningConfig) -> PromptEmbedding:
