@@ -162,13 +162,16 @@ class LycorisLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        dtype = result.dtype
         for name in self.active_adapters:
             # PEFT draws the module-dropout coin on every training step, before rank dropout; the
             # same order keeps seeded runs of both libraries identical.
             if self.training and not bool(torch.rand(1) > self.module_dropout[name]):
                 continue
-            result = result + self.delta_output(name, x).to(result.dtype)
-        return result
+            # As peft: the delta (fp32 for fp32 masters) joins the base output unrounded and the
+            # sum is rounded once; rounding the delta first costs precision in bf16/fp16.
+            result = result + self.delta_output(name, x)
+        return result.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"

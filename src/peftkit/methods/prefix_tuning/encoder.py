@@ -48,11 +48,13 @@ class PrefixEncoder(PromptLearningEncoder):
         """Per layer (key, value), each [batch, num_attention_heads, num_virtual_tokens, head_dim]."""
         c = self.config
         flat = self.flat_prefix()
-        if dtype is not None:
-            flat = flat.to(dtype)
         heads = c.num_attention_heads
         kv = flat.view(c.num_virtual_tokens, c.num_layers * 2, heads, c.token_dim // heads).permute(1, 2, 0, 3)
         kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        if dtype is not None:
+            # Cast after the expand, as peft: the gradient is then summed over the batch in the
+            # prefix's own dtype (fp32), not in the model's bf16/fp16.
+            kv = kv.to(dtype)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(c.num_layers)]
 
     def cache(self, model: nn.Module, batch_size: int):
