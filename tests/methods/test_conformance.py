@@ -213,6 +213,7 @@ def test_a_few_adamw_steps_lower_the_loss(case):
 
 TREE_CASES = CASES + [
     _case("lora-llama-head", llama, "llama", LORA, dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    _case("dora-llama", llama, "llama", LORA, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)),
 ]
 
 

@@ -1,4 +1,5 @@
-"""LoRA variants against `peft` 0.21: PiSSA / OLoRA / gaussian inits, add_weighted_adapter, LoRA+."""
+"""LoRA variants against `peft` 0.21: PiSSA / OLoRA / gaussian inits, add_weighted_adapter, LoRA+;
+variant objects per adapter (plain LoRA, DoRA)."""
 import os
 
 import peft
@@ -10,7 +11,9 @@ from peft.optimizers import create_loraplus_optimizer
 import peftkit
 from peftkit.config import ConfigError
 from peftkit.methods.lora.init import init_olora, init_pissa
+from peftkit.methods.lora.dora import DoraVariant
 from peftkit.methods.lora.layer import LoraLayer
+from peftkit.methods.lora.variants import LoraVariant
 from peftkit.methods.lora.plus import lora_plus_param_groups
 from peftkit.methods.lora.weighted import add_weighted_adapter
 from tiny_models import gpt2, inputs_for, llama, logits, perturb_trainable, twin
@@ -316,14 +319,8 @@ def test_lora_plus_groups_equal_peft(kind, config):
     groups = lora_plus_param_groups(ours, lr=1e-3, ratio=8.0, weight_decay=0.1, embedding_lr=5e-5)
     optimizer = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8.0,
                                           loraplus_weight_decay=0.1, loraplus_lr_embedding=5e-5)
-    # DoRA's magnitude is a ParameterDict entry here and a `.weight` inside a module in peft.
-    normalise = {".lora_magnitude_vector.default.weight": ".lora_magnitude_vector.default"}
     mine = {id(p): n for n, p in _ours(ours).items()}
-    reference = {}
-    for name, param in _theirs(theirs).items():
-        for old, new in normalise.items():
-            name = name.replace(old, new)
-        reference[id(param)] = name
+    reference = {id(p): n for n, p in _theirs(theirs).items()}  # DoRA's m included: same names as peft
     expected = _groups_by_setting(optimizer.param_groups, reference)
     got = _groups_by_setting(groups, mine)
     assert got == expected
@@ -352,3 +349,26 @@ def test_lora_plus_validates_its_numbers():
     model = peftkit.get_peft_model(llama(), peftkit.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"lr=-1 must be a non-negative number; ratio='x' must be"):
         lora_plus_param_groups(model, lr=-1, ratio="x")
+
+
+# --- variant objects ------------------------------------------------------------------------------
+def test_each_adapter_holds_its_variant_and_dora_keeps_peft_names(tmp_path):
+    """A DoRA and a plain adapter on one layer: each has its own variant object; DoRA's m is a
+    module's `.weight` in the tree (peft's name) but saved as `lora_magnitude_vector` (peft's file);
+    deleting an adapter drops its variant, and merging/unmerging both restores the base."""
+    model = peftkit.get_peft_model(llama(), peftkit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model.add_adapter("plain", peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.lora_variant["default"]) is DoraVariant and type(layer.lora_variant["plain"]) is LoraVariant
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight" in \
+        dict(model.named_parameters())
+    assert set(layer.adapter_state("default")) == {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+    perturb_trainable(model)
+    base = layer.base_layer.weight.detach().clone()
+    layer.set_adapter(["default", "plain"])
+    layer.merge()
+    assert not torch.equal(layer.base_layer.weight, base)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, base, rtol=0, atol=1e-6)
+    model.delete_adapter("default")
+    assert list(layer.lora_variant) == ["plain"] and "default" not in layer.lora_magnitude_vector

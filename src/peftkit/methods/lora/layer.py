@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base import AdapterLayer
-from ...kernels import dora_weight_norm, fast_paths_enabled, lora_linear, weight_row_sq_norm
-from ...kernels._dispatch import compute_dtype
-from ...kernels.lora_linear import branch_dtype, lora_dropout
-from . import dora, init
+from ...kernels import fast_paths_enabled
+from . import init
+from .dora import DoraVariant
+from .variants import LoraVariant
 
 
 @torch.no_grad()
@@ -24,7 +24,10 @@ def _set_initial(param_A: nn.Parameter, param_B: nn.Parameter, lora_A: torch.Ten
 
 
 class LoraLayer(AdapterLayer):
-    adapter_settings = ("r", "lora_alpha", "scaling", "use_dora")
+    """Per adapter: rank, alpha, scaling and its variant (`lora_variant[name]`, plain LoRA or
+    DoRA; `use_dora` is kept as the setting it came from)."""
+
+    adapter_settings = ("r", "lora_alpha", "scaling", "use_dora", "lora_variant")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -32,8 +35,18 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_variant: dict[str, LoraVariant] = {}
+
+    def resolve_variant(self, use_dora: bool) -> LoraVariant:
+        """The variant object for an adapter's settings; DoRA is for Linear and Conv1D only."""
+        if use_dora:
+            kind = type(self.base_layer).__name__
+            raise ValueError(f"use_dora=True is supported for Linear and Conv1D layers, not nn.{kind}; "
+                             f"exclude the {kind} layers from target_modules or set use_dora=False")
+        return LoraVariant()
 
     def _set_hyper(self, name: str, r: int, alpha: float, use_rslora: bool, use_dora: bool) -> None:
+        self.lora_variant[name] = self.resolve_variant(use_dora)
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -65,8 +78,10 @@ class Linear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self._forget_norms()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's m, as peft: <adapter>.weight
+
+    def resolve_variant(self, use_dora: bool) -> LoraVariant:
+        return DoraVariant() if use_dora else LoraVariant()
 
     def update_layer(self, name: str, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights,
                      use_rslora: bool = False, use_dora: bool = False) -> None:
@@ -81,68 +96,41 @@ class Linear(LoraLayer):
         if new_weight is not None:  # PiSSA / OLoRA: the base keeps only the residual
             self.base_layer.weight.data = new_weight
         self._to_base_device(name)
-        self._forget_norms()
-        if use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name).clone())
+        self._base_changed()
+        self.lora_variant[name].init(self, name)
 
     def weight_out_in(self) -> torch.Tensor:
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
-    # --- DoRA norms: ||W + s B A|| per row, with ||W||^2 cached (the base is frozen) and the
-    # whole norm cached in eval mode, keyed by the versions of A and B.
-    def _forget_norms(self) -> None:
-        self._base_sq_norm = None
-        self._norm_cache: dict = {}
+    def _base_changed(self) -> None:
+        for variant in self.lora_variant.values():
+            variant.reset()
 
-    def _dora_norm(self, name: str) -> torch.Tensor:
-        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
-        key = (lora_A._version, lora_B._version)
-        cached = self._norm_cache.get(name)
-        if not self.training and cached is not None and cached[0] == key:
-            return cached[1]
-        if self._base_sq_norm is None:
-            self._base_sq_norm = weight_row_sq_norm(self.base_layer.weight, self.fan_in_fan_out)
-        norm = dora_weight_norm(self.base_layer.weight, lora_A, lora_B, self.scaling[name], self._base_sq_norm,
-                                self.fan_in_fan_out)
-        if not self.training:
-            self._norm_cache[name] = (key, norm)
-        return norm
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """PEFT saves DoRA's magnitude as `lora_magnitude_vector`, without its module's `.weight`."""
+        return {("lora_magnitude_vector" if k == "lora_magnitude_vector.weight" else k): v
+                for k, v in super().adapter_state(name).items()}
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
-        if self.use_dora[name]:
-            weight = self.weight_out_in().float()
-            scale = (self.lora_magnitude_vector[name].float() / self._dora_norm(name)).unsqueeze(1)
-            delta = scale * (weight + delta) - weight
+        delta = self.lora_variant[name].delta_weight(self, name, delta)
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        # DoRA's delta depends on the (now merged) weight, so unmerge DoRA by inverting its
-        # scale using the norm recorded at merge time.
-        weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if self.use_dora[name]:
-                merged = self.weight_out_in().float()
-                scale = (self.lora_magnitude_vector[name].float() / self._merge_norms.pop(name)).unsqueeze(1)
-                lora = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
-                original = merged / scale - lora
-                weight.data.copy_((original.T if self.fan_in_fan_out else original).to(weight.dtype))
-            else:
-                weight.data -= self.get_delta_weight(name).to(weight.dtype)
-        self._forget_norms()
+            self.lora_variant[name].unmerge(self, name)
+        self._base_changed()
 
     @torch.no_grad()
     def merge(self, names=None, safe_merge=False) -> None:
         names = [n for n in (names or self.active_adapters) if n in self.adapter_names and n not in self.merged_adapters]
-        self._merge_norms = getattr(self, "_merge_norms", {})
         for name in names:
-            if self.use_dora[name]:
-                self._merge_norms[name] = self._dora_norm(name)
+            self.lora_variant[name].before_merge(self, name)
             super().merge([name], safe_merge)
-            self._forget_norms()
+            self._base_changed()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
@@ -150,55 +138,22 @@ class Linear(LoraLayer):
         if self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
         if fast_paths_enabled() and len(self.active_adapters) == 1 and type(self.base_layer) in _PLAIN_LINEAR_TYPES:
-            fast = self._fused_forward(x, self.active_adapters[0])
+            name = self.active_adapters[0]
+            fast = self.lora_variant[name].fused_forward(self, name, x)
             if fast is not None:
                 return fast
-        # The plain path, as peft computes it: each branch in the adapters' dtype (fp32 masters:
-        # fp32) added to the base output, the sum rounded to the base output's dtype once. The
-        # dropout mask is the fused op's (`lora_dropout`: counter-based, its seed drawn from
-        # torch's generator the same way), so a run with fast paths off reproduces one with them on.
+        # The plain path: each variant adds its branch to the base output (in the adapters'
+        # dtype, as peft), and the sum is rounded to the base output's dtype once.
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in self.active_adapters:
-            lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
-            p = self._dropout_p(name)
-            if self.use_dora[name]:
-                result = dora.dora_linear(
-                    x, result, self.weight_out_in(), self.base_layer.bias, lora_A, lora_B,
-                    self.lora_magnitude_vector[name], self.scaling[name], p, norm=self._dora_norm(name))
-            else:
-                x_in = lora_dropout(x.to(lora_A.dtype), p)
-                result = result + F.linear(F.linear(x_in, lora_A), lora_B) * self.scaling[name]
+            result = self.lora_variant[name].forward(self, name, x, result)
         return result.to(dtype)
 
     def _dropout_p(self, name: str) -> float:
         """The LoRA dropout probability in effect now (0 outside training)."""
         dropout = self.lora_dropout[name]
         return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
-
-    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """Base + LoRA as one autograd node (`kernels.lora_linear`); None where it does not apply.
-
-        DoRA without active dropout is m / ||W + sBA|| * (x W^T + s x A^T B^T) + b, the same
-        fused node scaled per output row. As in peft the scale multiplies in fp32 (the branch
-        dtype) and the result is rounded once: rounded to bf16 first, a scale near 1 would move
-        in steps of 2^-8 and ignore small updates of the magnitude. PEFT's DoRA with dropout
-        recomputes the base on the dropped input; that case keeps the plain path.
-        """
-        p = self._dropout_p(name)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        lora_A, lora_B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        if not self.use_dora[name]:
-            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, self.training, self.fan_in_fan_out)
-        if p > 0:
-            return None
-        magnitude = self.lora_magnitude_vector[name]
-        wide = torch.promote_types(branch_dtype(x, lora_A, lora_B), magnitude.dtype)
-        out = lora_linear(x, weight, None, lora_A, lora_B, scaling, 0.0, False, self.fan_in_fan_out, out_dtype=wide)
-        out = out * (magnitude / self._dora_norm(name)).to(wide)
-        if bias is not None:
-            out = out + bias.to(wide)
-        return out.to(compute_dtype(x))
 
 
 def _plain_linear_types() -> tuple[type, ...]:
@@ -226,9 +181,6 @@ class Embedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def update_layer(self, name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False, use_dora=False):
-        if use_dora:
-            raise ValueError("use_dora=True is supported for Linear and Conv1D layers, not nn.Embedding; "
-                             "exclude the embedding from target_modules or set use_dora=False")
         self._set_hyper(name, r, lora_alpha, use_rslora, use_dora)
         num, dim = self.base_layer.weight.shape
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num))
@@ -267,9 +219,6 @@ class Conv2d(LoraLayer):
         self.lora_dropout = nn.ModuleDict()
 
     def update_layer(self, name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora=False, use_dora=False):
-        if use_dora:
-            raise ValueError("use_dora=True is supported for Linear and Conv1D layers, not nn.Conv2d; "
-                             "exclude the conv layer from target_modules or set use_dora=False")
         if init.parse_init(init_lora_weights).changes_base_weights:
             raise ValueError(f"init_lora_weights={init_lora_weights!r} is supported for Linear and Conv1D layers, not "
                              f"nn.Conv2d; exclude the conv layer from target_modules or use True or 'gaussian'")
