@@ -372,10 +372,20 @@ class PeftModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs) -> None:
-        """LoRA only: a new adapter combining `adapters` (linear / cat / svd / ties / ...)."""
-        from .methods.lora.weighted import add_weighted_adapter
+        """LoRA only: a new adapter combining `adapters` (linear / cat / svd / ties / ...), added but
+        not activated; see `methods.lora.weighted` for the combination types and their options."""
+        from .methods.lora.weighted import fill_weighted_adapter, weighted_adapter_configs
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+        injected, kept = weighted_adapter_configs(self.get_base_model(), self.peft_config, adapters, weights,
+                                                  adapter_name, combination_type, **kwargs)
+        self.add_adapter(adapter_name, injected)
+        self.peft_config[adapter_name].init_lora_weights = kept.init_lora_weights
+        try:
+            fill_weighted_adapter(self.get_base_model(), adapters, weights, adapter_name, combination_type,
+                                  **{k: v for k, v in kwargs.items() if k != "svd_rank"})  # rank: in the config
+        except Exception:
+            self.delete_adapter(adapter_name)  # leave the model as it was
+            raise
 
 
 _CLASS_CACHE: dict[type, type] = {}

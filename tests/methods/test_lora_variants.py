@@ -15,7 +15,6 @@ from peftkit.methods.lora.dora import DoraVariant
 from peftkit.methods.lora.layer import LoraLayer
 from peftkit.methods.lora.variants import LoraVariant
 from peftkit.methods.lora.plus import lora_plus_param_groups
-from peftkit.methods.lora.weighted import add_weighted_adapter
 from tiny_models import gpt2, inputs_for, llama, logits, perturb_trainable, twin
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -236,7 +235,7 @@ def test_add_weighted_adapter_equals_peft(case, tmp_path):
     kind, first, second, options = WEIGHTED_CASES[case]
     model, reference = _two_adapters(kind, first, second, tmp_path)
     weights = [0.7, -1.3]
-    add_weighted_adapter(model, ["default", "other"], weights, "mix", **options)
+    model.add_weighted_adapter(["default", "other"], weights, "mix", **options)
     reference.add_weighted_adapter(["default", "other"], weights, "mix", **options)
 
     ours, theirs = model.peft_config["mix"], reference.peft_config["mix"]
@@ -262,7 +261,7 @@ def test_dare_uses_the_global_rng_like_peft(tmp_path):
                                      dict(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)
     options = dict(combination_type="dare_ties", density=0.6)
     torch.manual_seed(11)
-    add_weighted_adapter(model, ["default", "other"], [1.0, 0.5], "mix", **options)
+    model.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", **options)
     torch.manual_seed(11)
     reference.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", **options)
     for path, layer in model.get_base_model().named_modules():
@@ -275,8 +274,8 @@ def test_svd_combination_is_exact_with_enough_rank_even_for_rslora(tmp_path):
     # peft copies use_rslora to the combined adapter (scaling sqrt(r) instead of 1); peftkit does not.
     model, _ = _two_adapters("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"], use_rslora=True),
                              dict(r=2, lora_alpha=2, target_modules=["q_proj"], use_rslora=True), tmp_path)
-    add_weighted_adapter(model, ["default", "other"], [0.5, 2.0], "mix", combination_type="svd", svd_rank=6)
-    add_weighted_adapter(model, ["default", "other"], [0.5, 2.0], "joined", combination_type="cat")
+    model.add_weighted_adapter(["default", "other"], [0.5, 2.0], "mix", combination_type="svd", svd_rank=6)
+    model.add_weighted_adapter(["default", "other"], [0.5, 2.0], "joined", combination_type="cat")
     layer = model.base_model.model.model.layers[1].self_attn.q_proj
     expected = 0.5 * layer.get_delta_weight("default") + 2.0 * layer.get_delta_weight("other")
     assert (layer.get_delta_weight("mix") - expected).abs().max() <= 1e-5
@@ -288,18 +287,18 @@ def test_add_weighted_adapter_reports_every_bad_argument(tmp_path):
     model, _ = _two_adapters("llama", dict(r=4, target_modules=["q_proj"]), dict(r=2, target_modules=["q_proj"]),
                              tmp_path)
     with pytest.raises(ValueError) as err:
-        add_weighted_adapter(model, ["default", "nope"], [1.0], "default", combination_type="mean")
+        model.add_weighted_adapter(["default", "nope"], [1.0], "default", combination_type="mean")
     message = str(err.value)
     assert "adapters ['nope'] do not exist; available adapters: ['default', 'other']" in message
     assert "weights=[1.0] must be a list of 2 numbers" in message
     assert "adapter_name='default' already exists" in message
     assert "combination_type='mean' is not one of ['cat', 'linear'" in message
     with pytest.raises(ValueError, match=r"combination_type='linear' needs equal ranks, got \{'default': 4, 'other': 2\}"):
-        add_weighted_adapter(model, ["default", "other"], [1.0, 1.0], "mix", combination_type="linear")
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type="linear")
     with pytest.raises(ValueError, match=r"density=None must be a number in \(0, 1\] for combination_type='ties_svd'"):
-        add_weighted_adapter(model, ["default", "other"], [1.0, 1.0], "mix", combination_type="ties_svd")
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type="ties_svd")
     with pytest.raises(ValueError, match=r"svd_rank=40 exceeds the rank limit 32 of module 'model.layers.0.self_attn.q_proj'"):
-        add_weighted_adapter(model, ["default", "other"], [1.0, 1.0], "mix", svd_rank=40)
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", svd_rank=40)
     assert list(model.peft_config) == ["default", "other"]  # a failed combination leaves nothing behind
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..base import AdapterLayer
 from ...kernels import fast_paths_enabled
+from ...targeting import linear_types
 from . import init
 from .dora import DoraVariant
 from .variants import LoraVariant
@@ -137,7 +138,8 @@ class Linear(LoraLayer):
             return self._base_forward(x, *args, **kwargs)
         if self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
-        if fast_paths_enabled() and len(self.active_adapters) == 1 and type(self.base_layer) in _PLAIN_LINEAR_TYPES:
+        if (fast_paths_enabled("lora_linear") and len(self.active_adapters) == 1
+                and type(self.base_layer) in linear_types()):
             name = self.active_adapters[0]
             fast = self.lora_variant[name].fused_forward(self, name, x)
             if fast is not None:
@@ -154,20 +156,6 @@ class Linear(LoraLayer):
         """The LoRA dropout probability in effect now (0 outside training)."""
         dropout = self.lora_dropout[name]
         return dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
-
-
-def _plain_linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # transformers is optional for the core
-        pass
-    return tuple(types)
-
-
-_PLAIN_LINEAR_TYPES = _plain_linear_types()
 
 
 class Embedding(LoraLayer):

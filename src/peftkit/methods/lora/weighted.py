@@ -15,6 +15,7 @@ import dataclasses
 import math
 
 import torch
+import torch.nn as nn
 
 from ..base import ModulesToSaveWrapper
 from .init import parse_init
@@ -26,51 +27,41 @@ COMBINATION_TYPES = ("cat",) + _FACTORWISE + _SVD
 _NEEDS_DENSITY = tuple(t for t in COMBINATION_TYPES if t.split("_")[0] in ("ties", "dare", "magnitude"))
 
 
-def add_weighted_adapter(
-    peft_model,
-    adapters: list[str],
-    weights: list[float],
-    adapter_name: str,
-    combination_type: str = "svd",
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-) -> None:
-    """Add adapter `adapter_name` = the weighted combination of LoRA `adapters` on `peft_model`.
-
-    Raises ValueError listing every problem with the arguments at once.
-    """
-    configs = peft_model.peft_config
-    _validate(peft_model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+def weighted_adapter_configs(model: nn.Module, configs: dict, adapters: list[str], weights: list[float],
+                             adapter_name: str, combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, density: float | None = None,
+                             majority_sign_method: str = "total"):
+    """(config to inject, config to keep) of the combined adapter `adapter_name` of LoRA `adapters`
+    (their `configs`, on the adapted `model`). Raises ValueError listing every problem with the
+    arguments at once."""
+    _validate(model, configs, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
               majority_sign_method)
     combination_type = "linear" if len(adapters) == 1 else combination_type
     new_rank, targets = _new_rank_and_targets(configs, adapters, combination_type, svd_rank)
     source = configs[adapters[0]]
     # Scaling 1 (alpha = r, no rsLoRA): every factor below already carries its source scaling.
     # PEFT keeps use_rslora from the first adapter, which scales its result by sqrt(r).
-    new_config = dataclasses.replace(source, r=new_rank, lora_alpha=new_rank, target_modules=targets,
-                                     rank_pattern={}, alpha_pattern={}, use_rslora=False)
-    # The factors are overwritten below, so no init may touch the (shared) base weights now; the
-    # stored config keeps the source's init, as PEFT's does, for loading onto the original base.
-    # A non-decomposing init is kept so the RNG advances as in PEFT (dare_* then draws alike).
+    kept = dataclasses.replace(source, r=new_rank, lora_alpha=new_rank, target_modules=targets,
+                               rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    # The factors are overwritten by `fill_weighted_adapter`, so no init may touch the (shared)
+    # base weights now; the kept config has the source's init, as PEFT's does, for loading onto
+    # the original base. A non-decomposing init is kept so the RNG advances as in PEFT (dare_*
+    # then draws alike).
     init = source.init_lora_weights
-    injected = dataclasses.replace(new_config, init_lora_weights=True if parse_init(init).changes_base_weights else init)
-    peft_model.add_adapter(adapter_name, injected)
-    peft_model.peft_config[adapter_name].init_lora_weights = init
-    try:
-        _fill(peft_model, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
-              majority_sign_method)
-    except Exception:
-        peft_model.delete_adapter(adapter_name)  # leave the model as it was
-        raise
+    injected = dataclasses.replace(kept, init_lora_weights=True if parse_init(init).changes_base_weights else init)
+    return injected, kept
 
 
-def _fill(peft_model, adapters, weights, adapter_name, combination_type, new_rank, svd_clamp, density,
-          majority_sign_method) -> None:
-    for path, layer in peft_model.get_base_model().named_modules():
+def fill_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+                          combination_type: str = "svd", svd_clamp: float | None = None, density: float | None = None,
+                          majority_sign_method: str = "total") -> None:
+    """Write the combination into the adapter `adapter_name` of every LoRA layer of `model`, freshly
+    injected from `weighted_adapter_configs` (its rank is that config's r)."""
+    combination_type = "linear" if len(adapters) == 1 else combination_type
+    for path, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapter_names:
             continue
+        new_rank = layer.r[adapter_name]
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
         if not present:
             raise ValueError(f"Module {path!r} is targeted by the combined adapter but holds none of {adapters}")
@@ -84,9 +75,8 @@ def _fill(peft_model, adapters, weights, adapter_name, combination_type, new_ran
         _write(layer, adapter_name, lora_A, lora_B)
 
 
-def _validate(peft_model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+def _validate(model, configs, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
               majority_sign_method) -> None:
-    configs = peft_model.peft_config
     problems = []
     if not isinstance(adapters, (list, tuple)) or not adapters:
         problems.append(f"adapters={adapters!r} must be a non-empty list of adapter names")
@@ -129,7 +119,7 @@ def _validate(peft_model, adapters, weights, adapter_name, combination_type, svd
     kinds = {a: type(configs[a].target_modules).__name__ for a in known}
     if len(set(kinds.values())) > 1:
         problems.append(f"target_modules of {known} mix lists and regex strings ({kinds}); cannot build their union")
-    shared = [path for path, m in peft_model.get_base_model().named_modules() if isinstance(m, ModulesToSaveWrapper)
+    shared = [path for path, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)
               and sum(a in m.modules_to_save for a in known) > 1]
     if shared:
         problems.append(f"adapters {known} each hold a modules_to_save copy of {shared}; such copies cannot be combined")
