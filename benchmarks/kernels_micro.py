@@ -4,7 +4,6 @@ LoRA linear: forward+backward of one adapted linear (tokens x in -> out, r=16), 
   reference  plain F.linear / F.dropout composition (`lora_linear_reference`)
   peft       peft's own lora.Linear module (upcasts x to the adapter dtype, nn.Dropout copy)
   fast       `lora_linear` (saves x once, regenerates the dropout mask, keeps x·Aᵀ)
-  fast-rc    `lora_linear` recomputing x·Aᵀ in backward instead of keeping it
 Loss: lm_head + cross-entropy (`linear_cross_entropy` vs the full-logits reference).
 Attention: causal softmax attention in transformers' layout ([B, S, H, D] memory seen as
   [B, H, S, D]), for
@@ -24,7 +23,6 @@ measures the neighbours.
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -48,8 +46,6 @@ from peftkit.kernels import (  # noqa: E402
     lora_linear_reference,
 )
 
-# The package re-exports the function `lora_linear` under the submodule's name; this is the module.
-lora_mod = importlib.import_module("peftkit.kernels.lora_linear")
 MIB = 2**20
 
 
@@ -163,15 +159,6 @@ def lora_cases(tokens: int, in_f: int, out_f: int, r: int, dtype: torch.dtype, p
     except ImportError:
         pass
     cases["fast"] = (fn(lora_linear), params, [base.weight, A, B])
-
-    def recompute():
-        lora_mod.SAVE_XA = False
-        try:
-            return lora_linear(x, base.weight, None, A, B, scaling, p, True), g
-        finally:
-            lora_mod.SAVE_XA = True
-
-    cases["fast-rc"] = (recompute, params, [base.weight, A, B])
     return cases
 
 

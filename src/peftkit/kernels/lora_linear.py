@@ -28,11 +28,9 @@ from ._dispatch import compute_dtype, select
 from ._gemm import linear_nt
 from .dropout_mask import add_masked_, apply_mask, draw_and_apply, draw_seed, dropout_keep_mask, keep_rescale
 
-# Keep x·Aᵀ ([N, r]: r/in of x's bytes, 3% at r=16, in=512) for B's gradient rather than
-# recomputing it in backward. benchmarks/kernels_micro.py ("fast-rc") measures both: recomputing
-# saves those 3% and costs an extra [N, in] x [in, r] matmul; the time difference was within
-# noise on CPU, so the cheaper-to-reason-about choice (no recompute) stays.
-SAVE_XA = True
+# x·Aᵀ ([N, r]: r/in of x's bytes, 3% at r=16, in=512) is kept for B's gradient rather than
+# recomputed in backward: measured, recomputing saved those 3% for an extra [N, in] x [in, r]
+# matmul, with the time difference within noise on CPU.
 
 __all__ = ["lora_dropout", "lora_linear", "lora_linear_reference"]
 
@@ -106,8 +104,7 @@ class _LoraLinearFn(torch.autograd.Function):
     out_dtype, rounded once."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, save_xa, bd,
-                out_dtype):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fan_in_fan_out, bd, out_dtype):
         cd = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
 
@@ -133,7 +130,7 @@ class _LoraLinearFn(torch.autograd.Function):
             y = torch.mm(xa, B.t()).add_(y)
         y = y.to(out_dtype)
 
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa if save_xa else None, packed)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, packed)
         ctx.scale, ctx.bd = s, bd
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.x_shape = x.shape
@@ -172,21 +169,18 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_b:
             acc = torch.promote_types(cd, torch.float32)
             grad_b = g.sum(0, dtype=acc).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None, None
 
 
 def _branch_backward(x2, g, A, B, xa, packed, s, need_A, need_B, base_grad_x):
     """(grad_x, grad_A, grad_B) with the branch in x's dtype; grad_x adds into the base's."""
-    need_xk = need_A or (need_B and xa is None)  # the dropped input x·mask
-    masked = packed is not None and (base_grad_x is not None or need_xk)
+    masked = packed is not None and (base_grad_x is not None or need_A)
     xk = None
-    if need_xk:
+    if need_A:  # the dropped input x·mask
         xk = apply_mask(x2, packed) if masked else x2
 
     grad_x = grad_A = grad_B = None
     if need_B:
-        if xa is None:
-            xa = torch.mm(xk, A.t()).mul_(s)
         grad_B = torch.mm(g.t(), xa)
     if base_grad_x is not None or need_A:
         g_b = torch.mm(g, B).mul_(s)  # [N, r]: dL/d(x Aᵀ), scale folded in
@@ -236,8 +230,6 @@ def _wide_branch_backward(x2, g2, A, B, xa, packed, s, need_A, need_B, base_grad
     output gradient upcast, and its input gradient is added to the base's (rounded to x's dtype
     as the base's output) before one rounding to x's dtype."""
     bd, n = A.dtype, x2.shape[0]
-    if need_B and xa is None:
-        xa = _wide_xa(x2, packed, A, s)
     grad_x = grad_A = None
     grad_B = torch.zeros_like(B) if need_B else None
     g_b = x2.new_empty((n, A.shape[0]), dtype=bd) if base_grad_x is not None or need_A else None
@@ -276,7 +268,7 @@ def _lora_linear_torch(x, weight, bias, lora_A, lora_B, scaling, dropout_p, trai
     # the cast is differentiable and the Function then saves the low-precision copy only.
     bd = branch_dtype(x, lora_A, lora_B)
     x = x.to(compute_dtype(x))
-    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, fan_in_fan_out, SAVE_XA,
+    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, fan_in_fan_out,
                                bd, out_dtype or x.dtype)
 
 
