@@ -82,11 +82,17 @@ def chunked_loss(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tens
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs.setdefault("use_cache", False)
-    outputs = model.base_model(**inputs)
+    outputs = backbone(model)(**inputs)
     head = model.get_output_embeddings()
     loss_sum, n = kernels.causal_lm_loss(outputs[0], head.weight, batch["labels"], bias=head.bias,
                                          ignore_index=IGNORE_INDEX)
     return loss_sum, n, outputs
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformers backbone of `model` (the module under its `base_model_prefix`, what
+    transformers calls `model.base_model`; not a PeftModel's `base_model`, which is peft's tuner)."""
+    return model.base_model
 
 
 def _is_fsdp(module: nn.Module) -> bool:
@@ -109,8 +115,7 @@ def _static_blocker(model: nn.Module) -> str | None:
         # e.g. a seq2seq model turns labels into decoder inputs: its loss is not next-token
         # cross-entropy over the tokens the backbone is given.
         return f"{type(model).__name__} is not a decoder-only causal LM"
-    backbone = model.base_model
-    if backbone is model:
+    if backbone(model) is model:
         return f"{type(model).__name__} has no separate backbone (base_model_prefix)"
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
@@ -159,7 +164,7 @@ def _probe(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
         full = model(**inputs, use_cache=False)
         full = full.logits if hasattr(full, "logits") else full[0]  # return_dict=False: a tuple
         torch.manual_seed(seed)
-        split = head(model.base_model(**inputs, use_cache=False)[0])
+        split = head(backbone(model)(**inputs, use_cache=False)[0])
     if full.shape != split.shape:
         return f"the model's logits {list(full.shape)} are not lm_head(hidden) {list(split.shape)}"
     full, split = full.float(), split.float()
