@@ -310,3 +310,23 @@ def test_models_that_are_not_causal_lms_keep_their_own_loss(arch):
     out = model(**batch, labels=labels)
     assert out.logits is not None and torch.isfinite(out.loss)
 
+
+def test_a_batch_the_probe_cannot_use_does_not_switch_the_split_off_for_good():
+    # A packed batch's 4-D mask, or inputs_embeds, must not leave a cached refusal behind.
+    model = lora_model(tiny_models.llama())
+    batch = make_batch()
+    embeds = {"inputs_embeds": model.get_input_embeddings()(batch["input_ids"]), "labels": batch["labels"]}
+    assert "input_ids" in model.chunked_loss_blocker(embeds)
+    mask4d = torch.ones(3, 1, 11, 11, dtype=torch.bool).tril()
+    assert model.chunked_loss_blocker(dict(batch, attention_mask=mask4d)) is None
+    assert model.chunked_loss_blocker(batch) is None
+
+
+def test_forward_hooks_on_the_causal_lm_keep_its_own_forward():
+    model = lora_model(tiny_models.llama())
+    seen = []
+    model.get_base_model().register_forward_hook(lambda module, args, out: seen.append(out.logits is not None))
+    batch = make_batch()
+    assert "forward hooks" in model.chunked_loss_blocker(batch)
+    assert model(**batch).logits is not None and seen == [True]
+

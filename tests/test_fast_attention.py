@@ -318,3 +318,19 @@ def test_fp32_model_under_bf16_autocast_takes_the_kernel_like_sdpa_does(kernel_c
     assert len(kernel_calls) == 2
     assert errors[True][0] < 5e-3 and errors[True][1] < 8e-2, errors
     assert errors[True][1] < 2.5 * errors[False][1], errors
+
+
+def test_unload_gives_sdpa_back_even_while_an_ejected_layer_is_held():
+    from peftkit import LoraConfig, enable_fast_attention, get_peft_model
+    from peftkit._private_apis import global_attention_function
+    from tiny_models import llama
+
+    before = global_attention_function("sdpa")
+    model = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    held = model.get_base_model().model.layers[0].self_attn.q_proj  # the adapter layer, kept alive
+    assert enable_fast_attention(model) > 0
+    assert global_attention_function("sdpa") is not before
+    model.unload()
+    assert global_attention_function("sdpa") is before
+    assert held is not None
+

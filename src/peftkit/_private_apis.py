@@ -199,6 +199,20 @@ def _module_parameters() -> None:
             "Linear(2, 3)._parameters['bias'] is not the bias")
 
 
+@_api("torch.nn.Module._forward_hooks / _forward_pre_hooks", "torch",
+      "the dicts of a module's forward hooks: the chunked loss steps aside for a model with hooks",
+      "src/peftkit/lm_head_split.py")
+def _module_forward_hooks() -> None:
+    import torch
+
+    layer = torch.nn.Linear(2, 3)
+    _expect(not layer._forward_hooks and not layer._forward_pre_hooks, "a fresh Linear has forward hooks")
+    layer.register_forward_hook(lambda *a: None)
+    layer.register_forward_pre_hook(lambda *a: None)
+    _expect(len(layer._forward_hooks) == 1 and len(layer._forward_pre_hooks) == 1,
+            "register_forward_(pre_)hook does not fill _forward_hooks / _forward_pre_hooks")
+
+
 @_api("torch.utils._python_dispatch.TorchDispatchMode", "torch",
       "a dispatch mode subclass counting the aten ops of a kernel (benchmark only)",
       "benchmarks/kernels_micro.py")
@@ -320,7 +334,7 @@ def _trainer_hooks() -> None:
 
 @_api("transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "transformers",
       "model type -> causal-LM class name, to tell causal LMs apart",
-      "src/peftkit/integrations/trainer.py")
+      "src/peftkit/lm_head_split.py")
 def _causal_lm_names() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

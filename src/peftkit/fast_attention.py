@@ -106,7 +106,10 @@ def _install_dispatcher() -> None:
     global _replaced
     current = _private_apis.global_attention_function("sdpa")
     if current is not _dispatch_sdpa:
-        _replaced = current
+        # Still set: another library wrapped the dispatcher after we installed it; keeping the
+        # function we replaced first avoids a dispatcher that calls itself through the wrapper.
+        if _replaced is None:
+            _replaced = current
         _private_apis.register_attention_function("sdpa", _dispatch_sdpa)
 
 

@@ -63,12 +63,19 @@ def split_blocker(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
     if "forward" in vars(model):
         # A forward patched on the instance adds something the backbone call would skip.
         return f"{type(model).__name__}.forward is patched on the instance"
+    if model._forward_hooks or model._forward_pre_hooks:
+        # The split calls the backbone and the head, not the model: its hooks would not run.
+        return f"{type(model).__name__} has forward hooks, which the split would skip"
     if _is_fsdp(model):
         return "the model is sharded with FSDP"
     reason = _static_blocker(model)
     if reason is not None:
         return reason
     if model not in _verdicts:
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            # Not cached: the check runs on the first batch that has token ids.
+            return "the batch has no [B, T] input_ids to check the model's head with"
         _verdicts[model] = _probe(model, batch)
     return _verdicts[model]
 
@@ -103,7 +110,8 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, (FSDPModule, FullyShardedDataParallel))
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers causal LM (its class or a base class is one of the auto causal-LM classes)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -111,7 +119,7 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 def _static_blocker(model: nn.Module) -> str | None:
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not _is_causal_lm(model):
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not is_causal_lm(model):
         # e.g. a seq2seq model turns labels into decoder inputs: its loss is not next-token
         # cross-entropy over the tokens the backbone is given.
         return f"{type(model).__name__} is not a decoder-only causal LM"
@@ -139,10 +147,10 @@ def _static_blocker(model: nn.Module) -> str | None:
 
 @torch.no_grad()
 def _probe(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
-    """None if the full forward's logits equal lm_head(backbone(...)) on a few tokens."""
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        return "the batch has no [B, T] input_ids to check the model's head with"
+    """None if the full forward's logits equal lm_head(backbone(...)) on a few tokens of the
+    first row. A verdict about the model, not the batch: both passes see the same inputs, so
+    tensors that are not per-token ([B, T, ...], e.g. a 4-D packed-rows mask) are left out."""
+    ids = batch["input_ids"]
     t = min(_PROBE_TOKENS, ids.shape[1])
     inputs: dict[str, Any] = {}
     for key, value in batch.items():
@@ -150,9 +158,7 @@ def _probe(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
             continue
         if not isinstance(value, torch.Tensor):
             inputs[key] = value  # a flag such as output_hidden_states
-        elif value.dim() < 2 or value.shape[:2] != ids.shape:
-            return f"batch[{key!r}] is not a [B, T, ...] tensor; cannot check the model's head"
-        else:
+        elif value.dim() == 2 and value.shape == ids.shape:
             inputs[key] = value[:1, :t]
     head = model.get_output_embeddings()
     devices = [ids.device] if ids.device.type != "cpu" else []

@@ -261,14 +261,14 @@ class PeftModel(nn.Module):
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the active adapter into the base weights and return the plain base model."""
         self._refuse_merge()
+        fast_attention.disable_fast_attention(self)  # before the adapter layers (marked too) leave the tree
         eject_layers(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
-        fast_attention.disable_fast_attention(self)  # if enable_fast_attention routed it
         return self.get_base_model()
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer (no merge) and return the original base model."""
+        fast_attention.disable_fast_attention(self)  # before the adapter layers (marked too) leave the tree
         eject_layers(self.get_base_model(), merge=False)
-        fast_attention.disable_fast_attention(self)  # if enable_fast_attention routed it
         return self.get_base_model()
 
     # --- parameters ------------------------------------------------------------------------------

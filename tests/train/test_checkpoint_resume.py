@@ -87,6 +87,19 @@ def test_checkpoint_contents_are_safetensors_and_json(tmp_path):
                                                  micro_batch_size=4).fingerprint()
 
 
+def test_a_checkpoint_of_an_older_format_is_refused_with_what_to_do(tmp_path):
+    # Format 1 named parameters one level shallower than peft's tree: resuming would fail deep
+    # inside the loader with a list of every tensor.
+    train(tiny_llama(), lm_rows(8), None, config(tmp_path, max_steps=2, save_every=2, micro_batch_size=4))
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["format_version"] == ckpt.FORMAT_VERSION == 2
+    state_file.write_text(json.dumps(dict(state, format_version=1)))
+    with pytest.raises(ckpt.CheckpointError, match=r"format 1, this peftkit reads format 2.*from_pretrained"):
+        train(tiny_llama(), lm_rows(8), None, config(tmp_path, max_steps=4, micro_batch_size=4,
+                                                     resume_from=str(tmp_path / "checkpoint-2")))
+
+
 def test_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
     real = ckpt._save_optimizer
     calls = []

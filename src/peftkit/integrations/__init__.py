@@ -17,4 +17,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Trainer", "SFTTrainer", "PeftTrainer", "CheckpointMismatchError", "has_adapter_files", "load_adapters_in_place"]
+__all__ = ["Trainer", "PeftTrainer", "CheckpointMismatchError", "has_adapter_files", "load_adapters_in_place"]

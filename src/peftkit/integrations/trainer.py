@@ -21,6 +21,7 @@ import transformers
 from transformers.trainer_pt_utils import LabelSmoother
 
 from ..checkpoint import SAFETENSORS_NAME, read_safetensors, write_safetensors
+from ..lm_head_split import is_causal_lm
 from ..model import PeftModel
 
 # Trainer's name for the pickled TrainingArguments it writes next to every saved model.
@@ -101,7 +102,7 @@ class Trainer(AdapterCheckpoints, transformers.Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._require_unsharded()
-        if self.label_smoother is not None and _is_causal_lm(self.model.get_base_model()):
+        if self.label_smoother is not None and is_causal_lm(self.model.get_base_model()):
             # Trainer picks the label shift from the model's class name, which for a peftkit
             # wrapper is not a causal-LM name; without the shift each position would be
             # scored against its own token instead of the next one.
@@ -109,19 +110,12 @@ class Trainer(AdapterCheckpoints, transformers.Trainer):
                                                          self.label_smoother.ignore_index)
 
 
-def _require_peft_model(model: nn.Module) -> None:
+def _require_peft_model(model: nn.Module, trainer: str = "Trainer", stock: str = "transformers.Trainer") -> None:
     if not isinstance(model, PeftModel):
         raise TypeError(
-            f"peftkit.integrations.Trainer trains a peftkit PeftModel, got {type(model).__name__}; "
-            f"wrap the model with peftkit.get_peft_model(model, config), or use transformers.Trainer "
-            f"for a plain model"
+            f"peftkit.integrations.{trainer} trains a peftkit PeftModel, got {type(model).__name__}; "
+            f"wrap the model with peftkit.get_peft_model(model, config), or use {stock} for a plain model"
         )
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 class _ShiftingLabelSmoother(LabelSmoother):

@@ -2,8 +2,8 @@
 
 TRL recognises only the `peft` library's PeftModel. Given a peftkit model, stock
 `trl.SFTTrainer` puts its fused lm-head (`add_fused_lm_head`, which calls `model.base_model`
-expecting the transformers backbone) on the peftkit wrapper, whose `base_model` is the whole
-causal LM, and the first step fails; its checkpoints would also hold the whole model. This
+expecting the transformers backbone) on the peftkit wrapper, whose `base_model` is peft's
+tuner around the whole causal LM, and the first step fails; its checkpoints would also hold the whole model. This
 subclass puts the fused head on the transformers model inside the wrapper, as TRL does for a
 `peft` model, and saves checkpoints as `peftkit.integrations.Trainer` does.
 """
@@ -24,7 +24,7 @@ class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
     adapter comes with the model (`peft_config` is refused)."""
 
     def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
-        _require_peft_model(model)
+        _require_peft_model(model, "SFTTrainer", "trl.SFTTrainer")
         if kwargs.get("peft_config") is not None:
             raise ValueError("peft_config is for TRL's own `peft` wrapping; the peftkit model already carries its "
                              "adapter: pass peftkit.get_peft_model(model, config) as `model` and no peft_config")

@@ -38,7 +38,10 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON_FILE = "optimizer.json"
 RNG_FILE = "rng_state_rank{rank}.safetensors"
-FORMAT_VERSION = 1
+# 2: parameter names follow peft's module tree (`base_model.model.model.layers...`,
+# `lora_magnitude_vector.<adapter>.weight`, `modules_to_save`'s `original_module`); version 1
+# checkpoints name the same tensors one level shallower and cannot resume.
+FORMAT_VERSION = 2
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_RE = re.compile(r"^checkpoint-\d+\.(?:tmp|old)-(\d+)$")
@@ -307,6 +310,13 @@ def load_checkpoint(
     state = _read_state(folder)
     if state is None:
         raise CheckpointError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} has checkpoint format {version!r}, this peftkit reads format {FORMAT_VERSION}: it was "
+            f"written by an older peftkit, whose parameter names predate peft's module tree. Its adapter "
+            f"still loads (PeftModel.from_pretrained(model, \"{folder}\", is_trainable=True)); start a new run from it"
+        )
     deepspeed = deepspeed_zero.is_deepspeed(accelerator)
     _load_trainable(folder / TRAINABLE_FILE, model, deepspeed)
     _load_optimizer(folder, optimizer, model, deepspeed)
