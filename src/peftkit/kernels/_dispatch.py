@@ -5,7 +5,7 @@ global one) it runs the plain reference implementation, else the fast one. The o
 
 - "lora_linear": the fused LoRA autograd op (`kernels.lora_linear`);
 - "linear_cross_entropy": the chunked lm_head + cross-entropy (`kernels.linear_cross_entropy`,
-  and the fused loss of the training loop);
+  and the causal-LM loss `PeftModel.forward` computes from the hidden states);
 - "dora_weight_norm": DoRA's norm without forming the weight (`kernels.dora_weight_norm`);
 - "attention": the attention kernel (`kernels.attention`, and the models routed to it by
   `peftkit.enable_fast_attention`).
@@ -119,11 +119,8 @@ def fast_paths(enabled: bool, *ops: str) -> Iterator[None]:
         _op_enabled.update(previous[1])
 
 
-def select(op: str, device_type: str, portable: Callable, reference: Callable) -> Callable:
-    """The implementation of `op` to run now: `portable` (the fast path) or `reference`.
-
-    `device_type` is unused (kept for the callers' signature; no op has a device-specific
-    kernel yet)."""
+def select(op: str, portable: Callable, reference: Callable) -> Callable:
+    """The implementation of `op` to run now: `portable` (the fast path) or `reference`."""
     return portable if _enabled and _op_enabled[op] else reference
 
 

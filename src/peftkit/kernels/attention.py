@@ -161,5 +161,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, scale
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    impl = select("attention", q.device.type, _attention_torch, attention_reference)
+    impl = select("attention", _attention_torch, attention_reference)
     return impl(q, k, v, bias, scale)

@@ -271,7 +271,7 @@ def linear_cross_entropy(
     where they require grad. With fast paths disabled this runs the reference.
     """
     _check_args("linear_cross_entropy", hidden, weight, labels, bias, chunk_size, reduction, ndim=2)
-    impl = select("linear_cross_entropy", hidden.device.type, _lce_torch, _reference)
+    impl = select("linear_cross_entropy", _lce_torch, _reference)
     return impl(hidden, weight, labels, bias, ignore_index, chunk_size, reduction)
 
 

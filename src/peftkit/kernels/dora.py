@@ -140,7 +140,7 @@ def dora_weight_norm(
     With fast paths disabled this runs the reference.
     """
     _check_args("dora_weight_norm", weight, lora_A, lora_B, scaling, weight_sq_norm, fan_in_fan_out)
-    impl = select("dora_weight_norm", weight.device.type, _dora_torch, _reference)
+    impl = select("dora_weight_norm", _dora_torch, _reference)
     return impl(weight, lora_A, lora_B, scaling, weight_sq_norm, fan_in_fan_out)
 
 

@@ -299,7 +299,7 @@ def lora_linear(
     With fast paths disabled this runs `lora_linear_reference`.
     """
     _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out, out_dtype)
-    impl = select("lora_linear", x.device.type, _lora_linear_torch, _reference)
+    impl = select("lora_linear", _lora_linear_torch, _reference)
     return impl(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, dropout_seed,
                 out_dtype)
 
