@@ -40,6 +40,20 @@ _POST_HEAD_FLAGS = ("mup_enabled",)
 # exactly lm_head(backbone(...)) (catches a post-head transform no attribute above names).
 _PROBE_TOKENS = 8
 
+# Keyword arguments of a causal LM's forward that only its loss reads (not the backbone).
+_LOSS_ONLY_KWARGS = ("num_items_in_batch",)
+# Keyword arguments with which the split would not return what the model's forward returns:
+# tuples, a subset of positions, pre-shifted labels, TRL's own fused head, MoE auxiliary losses.
+_SPLIT_KWARG_BLOCKERS = {
+    "return_dict": lambda v: v is False,
+    "logits_to_keep": lambda v: v not in (0, None),
+    "num_logits_to_keep": lambda v: v not in (0, None),
+    "shift_labels": lambda v: v is not None,
+    "fused_lm_head": lambda v: bool(v),
+    "output_router_logits": lambda v: bool(v),
+}
+
+
 _verdicts: "weakref.WeakKeyDictionary[nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
@@ -49,6 +63,10 @@ def split_blocker(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
     model: the transformers causal LM (adapters injected); batch: its forward's keyword
     arguments with `labels`.
     """
+    for key, blocks in _SPLIT_KWARG_BLOCKERS.items():
+        if key in batch and blocks(batch[key]):
+            return f"{key}={batch[key]!r} asks for something the split does not compute"
+    batch = _split_inputs(batch)
     if not kernels.fast_paths_enabled("linear_cross_entropy"):
         return ("the linear_cross_entropy fast path is off (kernels.set_fast_path('linear_cross_entropy', False), "
                 "set_fast_paths(False) or PEFTKIT_FAST_PATHS)")
@@ -87,13 +105,33 @@ def chunked_loss(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tens
     model's forward takes. Call only where `split_blocker` returned None. Under autocast the
     head runs in the autocast dtype, as the model's own head would.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in _split_inputs(batch).items() if k != "labels"}
     inputs.setdefault("use_cache", False)
     outputs = backbone(model)(**inputs)
     head = model.get_output_embeddings()
     loss_sum, n = kernels.causal_lm_loss(outputs[0], head.weight, batch["labels"], bias=head.bias,
                                          ignore_index=IGNORE_INDEX)
     return loss_sum, n, outputs
+
+
+def chunked_causal_lm_output(model: nn.Module, kwargs: Mapping[str, Any]):
+    """transformers' causal-LM output of `model(**kwargs)` with the loss (the mean over targets,
+    or the sum over `num_items_in_batch` as Trainer passes it) and `logits=None`."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.get("num_items_in_batch")
+    loss_sum, n, outputs = chunked_loss(model, kwargs)
+    denominator = n if num_items is None else num_items
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(loss_sum.device)
+    return CausalLMOutputWithPast(loss=loss_sum / denominator, logits=None,
+                                  past_key_values=getattr(outputs, "past_key_values", None),
+                                  hidden_states=getattr(outputs, "hidden_states", None),
+                                  attentions=getattr(outputs, "attentions", None))
+
+
+def _split_inputs(batch: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in batch.items() if k not in _LOSS_ONLY_KWARGS}
 
 
 def backbone(model: nn.Module) -> nn.Module:

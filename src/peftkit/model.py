@@ -25,19 +25,6 @@ from .targeting import SEQ_CLS_HEAD_NAMES
 from .tuner import TunerModel
 from . import lm_head_split
 
-# Keyword arguments of a causal LM's forward that only its loss reads (not the backbone).
-_LOSS_ONLY_KWARGS = ("num_items_in_batch",)
-# Keyword arguments with which the split would not return what the model's forward returns:
-# tuples, a subset of positions, pre-shifted labels, TRL's own fused head, MoE auxiliary losses.
-_SPLIT_KWARG_BLOCKERS = {
-    "return_dict": lambda v: v is False,
-    "logits_to_keep": lambda v: v not in (0, None),
-    "num_logits_to_keep": lambda v: v not in (0, None),
-    "shift_labels": lambda v: v is not None,
-    "fused_lm_head": lambda v: bool(v),
-    "output_router_logits": lambda v: bool(v),
-}
-
 
 class PeftModel(nn.Module):
     """Wraps a base model (modified in place) that carries one or more named adapters.
@@ -84,7 +71,7 @@ class PeftModel(nn.Module):
         if encoder is not None:
             return encoder.run(self.get_base_model(), args, kwargs)
         if not args and self.training and kwargs.get("labels") is not None and self.chunked_loss_blocker(kwargs) is None:
-            return self._chunked_forward(kwargs)
+            return lm_head_split.chunked_causal_lm_output(self.get_base_model(), kwargs)
         return self.base_model(*args, **kwargs)
 
     # --- the backbone / head split of a causal LM ------------------------------------------------
@@ -97,10 +84,7 @@ class PeftModel(nn.Module):
             return "adapters are disabled (disable_adapter): the base model's own forward runs"
         if self._active_prompt_encoder() is not None:
             return f"a prompt-learning adapter ({self.peft_type}) is active: it changes the inputs of the forward"
-        for key, blocks in _SPLIT_KWARG_BLOCKERS.items():
-            if key in batch and blocks(batch[key]):
-                return f"{key}={batch[key]!r} asks for something the split does not compute"
-        return lm_head_split.split_blocker(self.get_base_model(), self._split_inputs(batch))
+        return lm_head_split.split_blocker(self.get_base_model(), batch)
 
     def chunked_causal_lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss_sum fp32 0-d, n_targets int64 0-d): next-token cross-entropy summed over the
@@ -109,27 +93,8 @@ class PeftModel(nn.Module):
         reason = self.chunked_loss_blocker(batch)
         if reason is not None:
             raise ValueError(f"The chunked causal-LM loss does not apply: {reason}")
-        loss_sum, n, _ = lm_head_split.chunked_loss(self.get_base_model(), self._split_inputs(batch))
+        loss_sum, n, _ = lm_head_split.chunked_loss(self.get_base_model(), batch)
         return loss_sum, n
-
-    def _chunked_forward(self, kwargs: dict):
-        """transformers' causal-LM output with the loss (mean over targets, or the sum over
-        `num_items_in_batch` as Trainer passes it) and `logits=None`."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        num_items = kwargs.get("num_items_in_batch")
-        loss_sum, n, outputs = lm_head_split.chunked_loss(self.get_base_model(), self._split_inputs(kwargs))
-        denominator = n if num_items is None else num_items
-        if isinstance(denominator, torch.Tensor):
-            denominator = denominator.to(loss_sum.device)
-        return CausalLMOutputWithPast(loss=loss_sum / denominator, logits=None,
-                                      past_key_values=getattr(outputs, "past_key_values", None),
-                                      hidden_states=getattr(outputs, "hidden_states", None),
-                                      attentions=getattr(outputs, "attentions", None))
-
-    @staticmethod
-    def _split_inputs(batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if k not in _LOSS_ONLY_KWARGS}
 
     def generate(self, *args, **kwargs):
         encoder = self._active_prompt_encoder()
