@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .atomic_files import atomic_write_text
+
 
 class TaskType:
     """Task names as PEFT spells them (plain strings, so JSON stays identical)."""
@@ -81,8 +83,6 @@ class PeftConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from .checkpoint.io import atomic_write_text
-
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 

@@ -2,35 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
+from ..atomic_files import atomic_replace, atomic_write_text
+
 SAFETENSORS_NAME = "adapter_model.safetensors"
-
-
-def _atomic_replace(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _atomic_replace(path, write)
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -39,7 +16,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
     clean = {k: v.detach().contiguous().clone() if _shares_storage(v, tensors) else v.detach().contiguous()
              for k, v in tensors.items()}
-    _atomic_replace(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
+    atomic_replace(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
 
 
 def _shares_storage(tensor: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:

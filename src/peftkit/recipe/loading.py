@@ -216,7 +216,7 @@ def _adapter_tokenizer(adapter_dir: str, base_path: str, trust_remote_code: bool
 
 
 def write_labels(folder: str, labels: list[str]) -> None:
-    from ..checkpoint.io import atomic_write_text
+    from ..atomic_files import atomic_write_text
 
     atomic_write_text(os.path.join(folder, LABELS_FILE), json.dumps({"labels": labels}, indent=2) + "\n")
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..checkpoint.io import atomic_write_text
+from ..atomic_files import atomic_write_text
 from ..data import PreparedData, prepare_datasets
 from ..model import get_peft_model
 from ..train import TrainConfig, TrainResult, train

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.io import atomic_write_text
+from ..atomic_files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
