@@ -38,3 +38,43 @@ def test_paired_run_steps_the_variants_in_one_process(tmp_path):
     assert all(v["s_per_step"] > 0 and len(v["step_times"]) == 2 for v in pair.values())
     assert abs(pair["lora"]["loss"] - pair["lora+dropout0.1"]["loss"]) < 0.05  # same model, dropout aside
     assert "lora+dropout0.1" in stdout
+
+
+ROUTES_SCRIPT = SCRIPT.parent / "routes.py"
+
+
+def test_routes_run_every_route_on_both_sides_with_equal_losses(tmp_path):
+    """benchmarks/routes.py at a tiny shape (hidden 32, vocab 128, 1 warm-up + 1 measured step),
+    every configuration in one process (--in-process: ~20 s instead of ~10 s of imports per
+    fresh process)."""
+    import importlib.util
+
+    routes = ["own-loop", "trainer", "plain", "accelerate"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    out = tmp_path / "routes.json"
+    proc = subprocess.run([sys.executable, str(ROUTES_SCRIPT), "--widths", "tiny", "--dtypes", "fp32", "--warmup", "1",
+                           "--steps", "1", "--threads", "1", "--in-process", "--routes", *routes, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    by_route: dict = {}
+    for r in rows:
+        by_route.setdefault(r["route"], {})[r["side"]] = r
+    assert set(by_route) == set(routes)
+    for route, sides in by_route.items():
+        # own-loop's peft side is peft + transformers.Trainer (the trainer route's peft run)
+        peft_row = sides["peft (trainer)" if route == "own-loop" else "peft"]
+        kit = sides["peftkit"]
+        assert peft_row["s_per_step"] > 0 and kit["s_per_step"] > 0, route
+        assert len(peft_row["losses"]) == len(kit["losses"]) == 2, route
+        assert kit["trainable_params"] == peft_row["trainable_params"], route
+        # Same base model, initial adapter, batches and optimizer, all in fp32: the sides differ
+        # only in the order of float sums (chunked loss vs full logits, the fused LoRA op), and
+        # after one AdamW step (whose first update is ~lr * sign(grad), so a near-zero gradient
+        # rounded the other way moves a weight by up to lr) the loss moved by ~5e-7 of 4.88 here.
+        # 1e-5 leaves room for that; the step's own effect on the second loss is 4.4e-4 (4.87924
+        # with lr 1e-3, 4.87967 with lr 1e-9), so a side whose step went wrong would fail.
+        assert abs(kit["first_loss"] - peft_row["first_loss"]) < 1e-5, route
+        assert abs(kit["loss"] - peft_row["loss"]) < 1e-5, route
+        assert kit["time_vs_peft"] == kit["s_per_step"] / peft_row["s_per_step"]
+    assert by_route["own-loop"]["peftkit"]["loss_path"] == "chunked"
+    assert by_route["trainer"]["peft"]["loss_path"] == "full logits"
