@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (SAFETENSORS_NAME, LoadReport, collect_adapter_state, collect_prompt_learning_state,
-                         load_adapter_weights, load_prompt_learning_weights, read_safetensors, trained_bias_params)
-from .checkpoint.io import write_safetensors
+                         load_adapter_weights, load_prompt_learning_weights, trained_bias_params)
+from .checkpoint.adapter_check import read_checked_adapter
+from .checkpoint.io import adapter_folder, check_adapter_name, write_safetensors
 from .checkpoint.sharded import gather_full
 from . import fast_attention
 from .config import PeftConfig, TaskType
@@ -123,6 +124,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add (but do not activate) an adapter. All adapters of a model share one method."""
+        check_adapter_name(adapter_name)  # it names a sub-folder when saved
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
         existing = {c.peft_type for c in self.peft_config.values()}
@@ -263,7 +265,7 @@ class PeftModel(nn.Module):
 
     # --- save / load ----------------------------------------------------------------------------
     def _adapter_dir(self, save_directory: str, adapter_name: str) -> str:
-        return save_directory if adapter_name == "default" else os.path.join(save_directory, adapter_name)
+        return adapter_folder(save_directory, adapter_name)
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """One adapter's tensors under their PEFT keys."""
@@ -286,6 +288,8 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters {unknown} do not exist; available adapters: {list(self.peft_config)}")
+        for name in names:  # every name is checked before anything is written
+            check_adapter_name(name)
         for name in names:
             state = {key: gather_full(tensor) for key, tensor in self.adapter_state_dict(name).items()}
             if not is_main_process:
@@ -299,20 +303,25 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, **_: object) -> "PeftModel":
-        """Attach the adapter saved in folder `model_id` to `model`."""
+                        is_trainable: bool = False, check_finite: bool = True, **_: object) -> "PeftModel":
+        """Attach the adapter saved in folder `model_id` to `model`. Its tensors must be floating
+        point and (unless `check_finite=False`, to inspect a broken file) free of NaN / Inf."""
+        check_adapter_name(adapter_name)
         config = PeftConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
-        state = read_safetensors(os.path.join(model_id, SAFETENSORS_NAME))
+        state = read_checked_adapter(model_id, config, check_finite)
         peft_model = peft_model_class(type(model))(model, config, adapter_name)
         peft_model._load_state(adapter_name, state, model_id)
         return peft_model
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **_: object) -> LoadReport:
-        """Add the adapter saved in `model_id` under `adapter_name` (not activated)."""
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, check_finite: bool = True,
+                     **_: object) -> LoadReport:
+        """Add the adapter saved in `model_id` under `adapter_name` (not activated); checked as in
+        `from_pretrained`."""
+        check_adapter_name(adapter_name)
         config = PeftConfig.from_pretrained(model_id)
         config.inference_mode = not is_trainable
-        state = read_safetensors(os.path.join(model_id, SAFETENSORS_NAME))
+        state = read_checked_adapter(model_id, config, check_finite)
         self.add_adapter(adapter_name, config)
         return self._load_state(adapter_name, state, model_id)
 

@@ -1,19 +1,91 @@
-"""YAML in and out for run configs: numbers like `2e-4` read as numbers, dotted overrides."""
+"""YAML in and out for run configs: numbers like `2e-4` read as numbers, dotted overrides.
+
+Reading is safe against hostile files: only plain data (SafeLoader), at most MAX_CONFIG_BYTES,
+at most MAX_EXPANDED_NODES values once anchors/aliases are expanded (a 1 KB "billion laughs"
+file would otherwise expand to 10^9 values), no recursive aliases, and no duplicate keys (YAML
+keeps the last value silently, so a setting written twice would be half ignored).
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import yaml
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB
+MAX_EXPANDED_NODES = 100_000  # values after expanding aliases; a real config has a few hundred
+
+
+class ConfigFileError(ValueError):
+    """A config file or override that cannot be read (not the values in it)."""
+
+
+class _Refused(yaml.YAMLError):
+    """Readable YAML that a run config must not be (an alias bomb, a recursive structure)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` / `5E3` as floats.
+    """SafeLoader that also reads `1e-4` / `5E3` as floats, refuses duplicate keys and caps
+    what anchors/aliases expand to.
 
     YAML 1.1 (PyYAML) requires a dot in a float (`1.0e-4`), so `lr: 1e-4` would be the
     string "1e-4"; every learning rate written the usual way would then be a type error.
     """
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` overrides on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader itself reports it
+                if first != key_node.start_mark.line + 1:
+                    raise _Refused(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first set on "
+                                   f"line {first}); a key may appear once per section")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Refuse a document whose values, with every alias expanded, exceed MAX_EXPANDED_NODES
+    (or that refers to itself): sizes are counted per node once, so this is linear in the file."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _Refused(f"line {node.start_mark.line + 1}: an alias refers to the node that contains it (a "
+                           "recursive structure); a config must be plain nested data")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_EXPANDED_NODES:
+            raise _Refused(
+                f"line {node.start_mark.line + 1}: the YAML expands to more than {MAX_EXPANDED_NODES} values through "
+                "anchors and aliases (&name / *name); refused as a run config (an alias bomb?)")
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 _Loader.add_implicit_resolver(
@@ -30,12 +102,11 @@ _Loader.add_implicit_resolver(
 )
 
 
-class ConfigFileError(ValueError):
-    """A config file or override that cannot be read (not the values in it)."""
-
-
 def load_yaml_file(path: str) -> dict[str, Any]:
     """The mapping in YAML file `path` (an empty file is an empty mapping)."""
+    if os.path.isfile(path) and os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"config file {path!r} is {os.path.getsize(path)} bytes; a run config is at most "
+                              f"{MAX_CONFIG_BYTES} bytes (is it the right file?)")
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
@@ -43,6 +114,10 @@ def load_yaml_file(path: str) -> dict[str, Any]:
         raise ConfigFileError(f"config file {path!r} does not exist") from None
     except IsADirectoryError:
         raise ConfigFileError(f"config file {path!r} is a folder; give a .yaml file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"config file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except _Refused as exc:
+        raise ConfigFileError(f"{path} {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigFileError(f"{path} is not valid YAML: {exc}") from None
     if data is None:
@@ -56,6 +131,8 @@ def load_yaml_file(path: str) -> dict[str, Any]:
 
 def parse_scalar(text: str) -> Any:
     """An override value read as YAML: `3` int, `1e-4` float, `true`, `null`, `[a, b]` list, else the text."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"an override value of {len(text)} characters is longer than {MAX_CONFIG_BYTES}")
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506
     except yaml.YAMLError:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -27,125 +26,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..atomic_files import raise_if_disk_full
 from ..checkpoint.sharded import gather_full, shard_like
 from . import deepspeed_zero
+from .checkpoint_check import (FORMAT_VERSION, OPTIMIZER_JSON_FILE, OPTIMIZER_TENSORS_FILE, RNG_FILE, STATE_FILE,
+                               TRAINABLE_FILE, CheckpointError, check_against_run, check_checkpoint)
+from .checkpoint_folders import (find_latest_checkpoint, list_checkpoints, prune_checkpoints, read_state,
+                                 remove_stale_temporaries, resolve_resume_path)
 from .config import config_changes
 
-STATE_FILE = "trainer_state.json"
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
-OPTIMIZER_JSON_FILE = "optimizer.json"
-RNG_FILE = "rng_state_rank{rank}.safetensors"
-# 2: parameter names follow peft's module tree (`base_model.model.model.layers...`,
-# `lora_magnitude_vector.<adapter>.weight`, `modules_to_save`'s `original_module`); version 1
-# checkpoints name the same tensors one level shallower and cannot resume.
-FORMAT_VERSION = 2
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_TMP_RE = re.compile(r"^checkpoint-\d+\.(?:tmp|old)-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded into this model/optimizer; the message says why."""
-
-
-# ---- finding checkpoints ---------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `output_dir` as (step, path), oldest first.
-
-    A damaged one (its state file unreadable) is left out with a warning naming the file: the
-    older checkpoints can still be resumed, pruned or refused by a fresh run, so stopping
-    for it would help nobody, but resuming from an older step must not happen unannounced.
-    """
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if not (match and child.is_dir()):
-            continue
-        try:
-            state = _read_state(child)
-        except CheckpointError as exc:
-            warnings.warn(f"{exc}; leaving {child.name} out of the checkpoints of {root}", stacklevel=2)
-            continue
-        if state is not None:
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir`, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
-
-
-def resolve_resume_path(resume_from: str, output_dir: str | os.PathLike) -> Path | None:
-    """Checkpoint folder for `resume_from` ("latest" may find none: None, a fresh start)."""
-    if resume_from == "latest":
-        return find_latest_checkpoint(output_dir)
-    path = Path(resume_from)
-    try:
-        state, problem = _read_state(path), None
-    except CheckpointError as exc:
-        state, problem = None, str(exc)
-    if state is None:
-        latest = find_latest_checkpoint(output_dir)
-        hint = f"; the latest complete checkpoint in {output_dir} is {latest}" if latest else ""
-        found = problem or f"expected a folder containing {STATE_FILE}"
-        raise CheckpointError(
-            f"resume_from={resume_from!r} is not a complete peftkit training checkpoint ({found}){hint}"
-        )
-    return path
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    """The saved trainer state; None when there is no state file (not a checkpoint: the file is
-    written last, so a folder without it is incomplete). A state file that is there but cannot
-    be read or parsed raises CheckpointError naming it: the checkpoint is damaged, not absent."""
-    file = path / STATE_FILE
-    try:
-        text = file.read_text()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} cannot be read ({exc})") from None
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{file} is damaged: not valid JSON ({exc})") from None
-    if not isinstance(state, dict) or "global_step" not in state:
-        raise CheckpointError(f"{file} is damaged: no global_step in it")
-    return state
-
-
-def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written checkpoint folders left by processes that no longer run."""
-    root = Path(output_dir)
-    removed = []
-    if not root.is_dir():
-        return removed
-    for child in root.iterdir():
-        match = _TMP_RE.match(child.name)
-        if match and child.is_dir() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+__all__ = ["CheckpointError", "STATE_FILE", "TRAINABLE_FILE", "OPTIMIZER_TENSORS_FILE", "OPTIMIZER_JSON_FILE",
+           "RNG_FILE", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "describe_changes",
+           "check_against_run", "find_latest_checkpoint", "list_checkpoints", "prune_checkpoints",
+           "remove_stale_temporaries", "resolve_resume_path"]
 
 
 # ---- saving ----------------------------------------------------------------------------
@@ -190,22 +85,27 @@ def save_checkpoint(
             _fsync_tree(tmp)
             _replace_dir(tmp, final)
             if keep_last is not None:
-                prune_checkpoints(root, keep_last)
-    except BaseException:
+                prune_checkpoints(root, keep_last, up_to_step=step)
+    except BaseException as exc:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+            # Pruning runs only after a complete save, so a failed one has deleted nothing.
+            last = find_latest_checkpoint(root)
+            raise_if_disk_full(exc, final.name, str(root), _checkpoint_bytes(model, optimizer),
+                               f"nothing was deleted; the last complete checkpoint is {last or 'none (no checkpoint yet)'}"
+                               ". Free some space, then resume with resume_from='latest'")
         raise
     accelerator.wait_for_everyone()
     return final
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the `keep_last` newest complete checkpoints; return the deleted paths."""
-    found = list_checkpoints(output_dir)
-    doomed = [path for _, path in found[: max(0, len(found) - keep_last)]]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
-    return doomed
+def _checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """About what one checkpoint takes: the trainable tensors twice (adapter file and exact
+    copy) plus the optimizer's tensors."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = sum(v.numel() * v.element_size() for per in optimizer.state.values() for v in per.values()
+                  if isinstance(v, torch.Tensor))
+    return 2 * params + moments
 
 
 def _trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -307,34 +207,27 @@ def load_checkpoint(
     returned dict (`scheduler`, `scaler`) for the caller to apply.
     """
     folder = Path(path)
-    state = _read_state(folder)
+    state = read_state(folder)
     if state is None:
         raise CheckpointError(f"{folder} is not a complete checkpoint: {STATE_FILE} is missing")
-    version = state.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder} has checkpoint format {version!r}, this peftkit reads format {FORMAT_VERSION}: it was "
-            f"written by an older peftkit, whose parameter names predate peft's module tree. Its adapter "
-            f"still loads (PeftModel.from_pretrained(model, \"{folder}\", is_trainable=True)); start a new run from it"
-        )
+    loaded = check_checkpoint(folder, state)  # every file and field, before the model is touched
     deepspeed = deepspeed_zero.is_deepspeed(accelerator)
-    _load_trainable(folder / TRAINABLE_FILE, model, deepspeed)
-    _load_optimizer(folder, optimizer, model, deepspeed)
-    rng_file = folder / RNG_FILE.format(rank=accelerator.process_index)
-    if not rng_file.exists():
-        rng_file = folder / RNG_FILE.format(rank=0)
+    _load_trainable(folder / TRAINABLE_FILE, loaded["trainable"], model, deepspeed)
+    _load_optimizer(folder, loaded["optimizer_json"], loaded["optimizer"], optimizer, model, deepspeed)
+    rng = loaded["rng"].get(accelerator.process_index)
+    if rng is None:
+        rng = loaded["rng"][0]
         warnings.warn(
             f"{folder} has no RNG state for process {accelerator.process_index} (it was saved by "
             f"{state.get('world_size')} process(es)); using process 0's, so dropout masks will differ "
             "from an uninterrupted run",
             stacklevel=2,
         )
-    _load_rng(rng_file)
+    _load_rng(*rng)
     return state
 
 
-def _load_trainable(path: Path, model: torch.nn.Module, deepspeed: bool = False) -> None:
-    saved = load_file(str(path))
+def _load_trainable(path: Path, saved: dict[str, torch.Tensor], model: torch.nn.Module, deepspeed: bool) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     problems = []
@@ -356,9 +249,8 @@ def _load_trainable(path: Path, model: torch.nn.Module, deepspeed: bool = False)
         deepspeed_zero.set_master_weights(model, saved)
 
 
-def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-                    deepspeed: bool = False) -> None:
-    meta = json.loads((folder / OPTIMIZER_JSON_FILE).read_text())
+def _load_optimizer(folder: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, model: torch.nn.Module, deepspeed: bool) -> None:
     current = ([n for n, _ in deepspeed_zero.param_order(model, optimizer)] if deepspeed
                else _optimizer_param_names(optimizer, model))
     if meta["param_names"] != current:
@@ -371,13 +263,13 @@ def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch
         if "betas" in group:  # JSON has no tuples; Adam-style optimizers expect one
             group["betas"] = tuple(group["betas"])
     if deepspeed:  # the engine's partitioned state takes whole tensors through its own API
-        deepspeed_zero.restore_moments(model, optimizer, load_file(str(folder / OPTIMIZER_TENSORS_FILE)))
+        deepspeed_zero.restore_moments(model, optimizer, tensors)
         for group, saved in zip(optimizer.param_groups, groups):  # lr, weight decay, betas, ...
             group.update({key: value for key, value in saved.items() if key != "params"})
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
-    for key, value in list(load_file(str(folder / OPTIMIZER_TENSORS_FILE)).items()) + list(meta["scalars"].items()):
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         _, index, name = key.split(".", 2)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             value = shard_like(value, params[int(index)])  # moments are shaped (and sharded) as their param
@@ -385,12 +277,7 @@ def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, model: torch
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _load_rng(path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["rng"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+def _load_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     random.setstate((meta["python_version"], tuple(tensors["python"].tolist()), meta["python_gauss"]))
     np.random.set_state(
         (meta["numpy_name"], tensors["numpy"].numpy().astype(np.uint32), meta["numpy_pos"],

@@ -23,7 +23,8 @@ from accelerate.utils import broadcast, set_seed
 
 from ..fast_attention import disable_fast_attention, enable_fast_attention, fast_attention_enabled
 from ..kernels.compile import compile_decoder_layers
-from .checkpoint import describe_changes, load_checkpoint, save_checkpoint
+from .checkpoint import check_against_run, describe_changes, load_checkpoint, save_checkpoint
+from .divergence import DivergenceWatch
 from .config import TrainConfig
 from .data import Batch, CollateFn, DataPlan, data_fingerprint, make_collate
 from .logging import RunLogger, peak_memory_mb, require_tensorboard
@@ -39,6 +40,7 @@ from .runtime import (
     prepare_output_dir,
     resolve_task,
 )
+from .run_lock import hold_output_dir
 from .schedule import build_scheduler
 from .signals import StopRequest
 from .state import StepInfo, TrainResult, TrainState
@@ -89,19 +91,20 @@ def train(
     # -- the phases of a run, in order --------------------------------------------------
     accelerator = _accelerator_for(config, accelerator)
     set_seed(config.seed, device_specific=True)  # each process its own dropout stream
-    run = _set_up(model, train_data, eval_data, config, task, accelerator, collate_fn, loss_fn, count_fn)
-    with _set_for_training(model, config, accelerator):
-        _build_optimizer(run, optimizer_fn)
-        _resume(run)
-        _open_logger(run, eval_before)
-        with StopRequest() as stop:
-            try:
-                _train_steps(run, stop, on_step_end)
-            except BaseException:
-                run.logger.close()
-                raise
-            _finish_steps(run)
-        summary = _write_summary(run, summary_extra)
+    with hold_output_dir(config.output_dir, accelerator.is_main_process):  # one run per output folder
+        run = _set_up(model, train_data, eval_data, config, task, accelerator, collate_fn, loss_fn, count_fn)
+        with _set_for_training(model, config, accelerator):
+            _build_optimizer(run, optimizer_fn)
+            _resume(run)
+            _open_logger(run, eval_before)
+            with StopRequest() as stop:
+                try:
+                    _train_steps(run, stop, on_step_end)
+                except BaseException:
+                    run.logger.close()
+                    raise
+                _finish_steps(run)
+            summary = _write_summary(run, summary_extra)
     return TrainResult(
         global_step=run.state.global_step,
         epoch=summary["epoch"],
@@ -149,6 +152,7 @@ class _Run:
     last_checkpoint: Path | None = None
     last_saved_step: int = 0
     last_eval_step: int | None = None
+    divergence: DivergenceWatch = field(default_factory=DivergenceWatch)
 
     def epoch(self) -> float:
         return round(self.state.epoch_float(self.plan.steps_per_epoch), 4)
@@ -229,6 +233,7 @@ def _resume(run: _Run) -> None:
         return
     accelerator = run.accelerator
     saved = load_checkpoint(run.resume_path, accelerator, run.model, run.optimizer)
+    check_against_run(run.resume_path, saved, run.total_steps, run.optimizer, run.identity["config"])
     run.scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None and saved.get("scaler"):
         accelerator.scaler.load_state_dict(saved["scaler"])
@@ -267,6 +272,7 @@ def _train_steps(run: _Run, stop: StopRequest, on_step_end: Callable[[StepInfo],
                                 run.count_fn, run.trainable, config.max_grad_norm, state.global_step + 1,
                                 run.last_checkpoint)
         state.advance(plan.steps_per_epoch)
+        run.divergence.check(state.global_step, result)
         state.tokens_seen += result["tokens"]
         run.session_tokens += result["tokens"]
         run.logger.advance()

@@ -24,6 +24,19 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
+class NonFiniteGradError(RuntimeError):
+    """The gradient norm became NaN or infinite while the loss was finite; no update was applied."""
+
+    def __init__(self, step: int, grad_norm: float, loss: float, last_checkpoint: Path | None):
+        self.step, self.grad_norm, self.loss, self.last_checkpoint = step, grad_norm, loss, last_checkpoint
+        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved before it"
+        super().__init__(
+            f"gradient norm is {grad_norm} at optimizer step {step} (loss {loss:.6g}); training stopped before "
+            f"applying that step, {kept}. Clipping cannot repair an infinite norm: look for an extreme scaling "
+            "(e.g. lora_alpha / r far above 1e3) or learning rate, or try precision='fp32'"
+        )
+
+
 @dataclass
 class TrainState:
     """Where a run is; saved in every checkpoint and restored on resume."""

@@ -21,7 +21,7 @@ from .data import Batch, CollateFn, DataPlan
 from .deepspeed_zero import is_deepspeed
 from .logging import perplexity
 from .loss import LossFn, default_loss_fn, seq_cls_eval, token_cls_eval
-from .state import NonFiniteLossError
+from .state import NonFiniteGradError, NonFiniteLossError
 
 Rows = Sequence[Mapping[str, Any]]
 MicroBatch = tuple[Batch, bool]  # (batch on device, filler: a process with no row, weighted 0)
@@ -51,10 +51,14 @@ def optimizer_step(
     """Forward/backward every micro-batch of one window, clip, step. `step` is 1-based.
 
     Returns loss (mean per target), loss_sum, targets, tokens (non-padding, all processes),
-    lr (the rate this step used) and grad_norm (before clipping). Raises NonFiniteLossError
-    before touching the weights when the loss is NaN or infinite.
+    lr (the rate this step used), grad_norm (before clipping) and update_ratio (how far the step
+    moved the trainable weights: ||w_after - w_before|| / ||w_before||). Raises NonFiniteLossError
+    or NonFiniteGradError before touching the weights when the loss or the gradient norm is NaN
+    or infinite.
     """
     device = accelerator.device
+    # Taken before any backward: DeepSpeed updates the weights inside the last one.
+    before = [gather_full(p.detach()).clone() for p in trainable]
     # Count the window's targets over all processes before any forward pass: every
     # micro-batch's loss is divided by this one number.
     counts = [0 if filler else count_fn(batch) for batch, filler in micro]
@@ -102,6 +106,10 @@ def optimizer_step(
 
     clip = max_grad_norm if max_grad_norm else math.inf  # inf: measure the norm, do not clip
     grad_norm = float(gather_full(accelerator.clip_grad_norm_(trainable, clip)))  # FSDP2: a replicated DTensor
+    if not math.isfinite(grad_norm) and accelerator.scaler is None and not deepspeed:
+        # (fp16 loss scaling expects overflowing norms: the scaler skips that step by itself.)
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteGradError(step, grad_norm, loss, last_checkpoint)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow step keeps the schedule in place
@@ -114,7 +122,18 @@ def optimizer_step(
         "tokens": int(window_tokens),
         "lr": lr,
         "grad_norm": grad_norm,
+        "update_ratio": _update_ratio(before, trainable),
     }
+
+
+@torch.no_grad()
+def _update_ratio(before: list[torch.Tensor], trainable: list[torch.nn.Parameter]) -> float:
+    """||w_after - w_before|| / ||w_before|| over all trainable tensors (inf when all started at 0)."""
+    moved = sum(float((gather_full(p.detach()).float() - b.float()).pow(2).sum()) for p, b in zip(trainable, before))
+    size = sum(float(b.float().pow(2).sum()) for b in before)
+    if size == 0.0:
+        return 0.0 if moved == 0.0 else math.inf
+    return math.sqrt(moved / size)
 
 
 def _real_tokens(batch: Batch) -> int:
