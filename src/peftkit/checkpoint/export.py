@@ -1,9 +1,12 @@
-"""Merged-model export: fold an adapter into its base, save a plain transformers folder, and
-prove the folder computes what the adapter did (reload it and compare outputs)."""
+"""Merged-model export: fold an adapter into its base, save a complete transformers folder
+(sharded weights, config, generation config, tokenizer and chat template), and prove the folder
+computes what the adapter did (reload it and compare outputs)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +15,13 @@ import torch
 # Default parity tolerance, relative to the largest reference output: fp32 only reorders sums;
 # 16-bit weights round each merged weight (~3 significant digits) before the layers compound it.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+# The largest weights file written before the model is split into shards with an index: the
+# Hugging Face Hub's recommended file size (transformers 4 used it as its default too).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+class NonFiniteWeightsError(ValueError):
+    """The merge would write NaN or Inf weights; the message names the tensor."""
 
 
 @dataclass
@@ -25,6 +35,7 @@ class MergeReport:
     num_inputs: int
     dtype: str
     saved_tokenizer: bool
+    weight_files: tuple[str, ...] = ()  # the safetensors files written (several: sharded, with an index)
 
     @property
     def ok(self) -> bool:
@@ -32,39 +43,108 @@ class MergeReport:
 
     def text(self) -> str:
         verdict = "parity OK" if self.ok else "PARITY FAILED"
+        shards = f", {len(self.weight_files)} weight shards" if len(self.weight_files) > 1 else ""
         return (f"merged model written to {self.out_dir} ({self.dtype}"
-                f"{', with tokenizer' if self.saved_tokenizer else ', no tokenizer'})\n"
+                f"{', with tokenizer' if self.saved_tokenizer else ', no tokenizer'}{shards})\n"
                 f"{verdict}: max |merged - adapter| output difference {self.max_abs_diff:.3g} over "
                 f"{self.num_inputs} inputs (tolerance {self.tolerance:.3g})")
 
 
+def first_nonfinite(tensors: Any) -> str | None:
+    """A description of the first tensor in `tensors` ((name, tensor) pairs) holding NaN or Inf:
+    its name and how many NaN / +-Inf values it holds; None when all are finite."""
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        finite = torch.isfinite(tensor)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        return f"{name} (shape {tuple(tensor.shape)}: {nan} NaN, {int((~finite).sum()) - nan} Inf)"
+    return None
+
+
 @torch.no_grad()
 def export_merged(peft_model: Any, out_dir: str, inputs: list[dict[str, torch.Tensor]], *, tokenizer: Any = None,
-                  dtype: torch.dtype | None = None, tolerance: float | None = None) -> MergeReport:
+                  dtype: torch.dtype | None = None, tolerance: float | None = None,
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> MergeReport:
     """Merge the active adapter of `peft_model` (consumed), save to `out_dir`, reload, compare.
 
     inputs: model keyword arguments (e.g. input_ids [1, T]) run through both models.
     dtype: the saved weights' dtype (default: the model's). tolerance: relative to the largest
-    reference output (default by dtype, see `_TOLERANCE`).
+    reference output (default by dtype, see `_TOLERANCE`). max_shard_size: weights above it are
+    split into shards plus `model.safetensors.index.json` (bytes, or a string like "5GB").
+    Refuses (NonFiniteWeightsError, nothing written) when an adapter tensor or a merged weight is
+    NaN / Inf. The folder appears whole or not at all: it is built beside `out_dir` and renamed.
     """
-    if os.path.isfile(out_dir):
-        raise ValueError(f"--out {out_dir!r} is a file; give a folder for the merged model")
+    _check_out_dir(out_dir)
     peft_model.eval()
+    bad = first_nonfinite(peft_model.adapter_state_dict().items())
+    if bad:
+        raise NonFiniteWeightsError(f"the adapter holds non-finite values in {bad}; merging it would write NaN/Inf "
+                                    f"weights, so nothing was written. Retrain or repair the adapter")
     references = [_output(peft_model, batch) for batch in inputs]
-    merged = peft_model.merge_and_unload()
-    if dtype is not None:
-        merged = merged.to(dtype)
+    merged = merged_model(peft_model, dtype)
     saved_dtype = next(merged.parameters()).dtype
-    os.makedirs(out_dir, exist_ok=True)
-    merged.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
+    try:
+        merged.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     reloaded = type(merged).from_pretrained(out_dir, **_fp32()).eval()
     diff = max((float((_output(reloaded, b) - ref).abs().max()) for b, ref in zip(inputs, references)), default=0.0)
     scale = max([1.0] + [float(ref.abs().max()) for ref in references])
     relative = tolerance if tolerance is not None else _TOLERANCE.get(saved_dtype, 5e-2)
+    files = tuple(sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors")))
     return MergeReport(out_dir, diff, relative * scale, scale, len(inputs), str(saved_dtype).replace("torch.", ""),
-                       tokenizer is not None)
+                       tokenizer is not None, files)
+
+
+@torch.no_grad()
+def merged_model(peft_model: Any, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`peft_model.merge_and_unload()` (consumes it), cast to `dtype`, refused when any merged
+    weight is NaN / Inf (e.g. a finite delta that overflows float16)."""
+    merged = peft_model.merge_and_unload()
+    if dtype is not None:
+        merged = merged.to(dtype)
+    bad = first_nonfinite(merged.state_dict().items())
+    if bad:
+        cast = f" after the cast to {str(dtype).replace('torch.', '')}" if dtype is not None else ""
+        raise NonFiniteWeightsError(f"the merged weight {bad} is not finite{cast}; nothing was written")
+    return merged
+
+
+def _check_out_dir(out_dir: str) -> None:
+    if os.path.isfile(out_dir):
+        raise ValueError(f"--out {out_dir!r} is a file; give a folder for the merged model")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise ValueError(f"--out {out_dir!r} is a folder that holds files but no model (no config.json); give a new "
+                         f"or empty folder, or an earlier merged model's folder to replace it")
+
+
+def _replace_dir(staging: str, out_dir: str) -> None:
+    """Rename `staging` to `out_dir`; an earlier export there is swapped out, then removed."""
+    old = None
+    if os.path.isdir(out_dir):
+        old = tempfile.mkdtemp(prefix=".tmp-old-", dir=os.path.dirname(os.path.abspath(out_dir)))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _output(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,9 @@ EPILOG = """examples:
   peftkit train config.yaml --dry-run         resolved config and step/token/parameter counts
   peftkit preview config.yaml -n 5            tokenized examples with the trained tokens marked
   peftkit merge out/run --out merged/         adapter folded into a plain transformers model
+  peftkit export out/run --to gguf --out a.gguf         the adapter as a llama.cpp LoRA (--lora a.gguf)
+  peftkit export out/run --to gguf-merged --out m.gguf  merged model as one llama.cpp file
+  peftkit export out/run --check vllm --out clean/      loads in vLLM (or sglang)? exit 1: why not
   peftkit generate out/run "Hello"            stream a reply (causal LM adapters)
   peftkit eval out/run --data test.jsonl      loss / perplexity or accuracy (per row / per tagged token)
   peftkit inspect MODEL --config config.yaml  targetable modules, what the config matches
@@ -55,6 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="dtype of the saved weights (auto: the base checkpoint's)")
     p.add_argument("--tolerance", type=float, help="parity tolerance relative to the largest output")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split the weights into shards with an index above this size (default 5GB)")
+
+    p = sub.add_parser("export", help="write an adapter for llama.cpp (GGUF), or check it loads in vLLM / SGLang",
+                       description="--to gguf: the adapter as a llama.cpp LoRA file; --to gguf-merged: the merged "
+                                   "model as one GGUF file; --check SERVER: whether the adapter loads in that "
+                                   "server (exit 0 ready, 1 not, one reason a line).")
+    p.add_argument("adapter", metavar="ADAPTER")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", choices=("gguf", "gguf-merged"), help="file format to write (needs --out FILE)")
+    what.add_argument("--check", choices=("vllm", "sglang"), help="serving readiness check")
+    p.add_argument("--out", metavar="PATH",
+                   help="--to: the GGUF file; --check: a folder for a clean copy (config + weights), when ready")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16"),
+                   help="--to only: tensor dtype (default f32 for gguf, f16 for gguf-merged)")
+    p.add_argument("--base", metavar="MODEL", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-lora-rank", type=int, metavar="N",
+                   help="--check only: the server's max_lora_rank (default: its default, vLLM 16)")
+
 
     p = sub.add_parser("generate", help="generate text with an adapter (streams the reply)")
     p.add_argument("adapter", metavar="ADAPTER")
@@ -108,9 +130,29 @@ def _preview(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from ..recipe import merge_adapter
 
-    report = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance)
+    report = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
+                           max_shard_size=args.max_shard_size)
     print(report.text())
     return 0 if report.ok else EXIT_PROBLEM
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.to:
+        if args.out is None:
+            raise _UsageError(f"--to {args.to} needs --out FILE")
+        if args.max_lora_rank is not None:
+            raise _UsageError("--max-lora-rank goes with --check, not --to")
+        from ..recipe.export import export_adapter
+
+        print(export_adapter(args.adapter, args.to, args.out, base=args.base, dtype=args.dtype).text())
+        return 0
+    if args.dtype is not None:
+        raise _UsageError("--dtype goes with --to, not --check")
+    from ..recipe.serving import check_serving
+
+    report = check_serving(args.adapter, args.check, max_lora_rank=args.max_lora_rank, out=args.out, base=args.base)
+    print(report.text())
+    return 0 if report.ready else EXIT_PROBLEM
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -158,7 +200,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 COMMANDS = {"train": _train, "preview": _preview, "merge": _merge, "generate": _generate, "eval": _eval,
-            "inspect": _inspect}
+            "inspect": _inspect, "export": _export}
 
 
 class _UsageError(ValueError):

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.export import MergeReport, export_merged
+from ..checkpoint.export import DEFAULT_MAX_SHARD_SIZE, MergeReport, export_merged
 from .loading import LoadedAdapter, load_adapter
 
 MERGE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -19,20 +19,46 @@ PARITY_TEXTS = (
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dtype: str = "auto",
-                  tolerance: float | None = None) -> MergeReport:
+                  tolerance: float | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> MergeReport:
     """Merge the adapter into its base (`base`, else the adapter's base_model_name_or_path) and
-    write `out_dir` (+ the tokenizer); the report says whether the reloaded folder matches.
+    write `out_dir`: weights (sharded with an index above `max_shard_size`, e.g. "5GB"), config,
+    generation config, and the tokenizer with its chat template as trained (the one saved beside
+    the adapter, else the base's); the report says whether the reloaded folder matches.
 
     dtype: of the saved weights; auto keeps the base checkpoint's dtype. The merge itself runs
-    in fp32 so that 16-bit bases round only once.
+    in fp32 so that 16-bit bases round only once. NaN / Inf adapter or merged weights are refused.
     """
     if dtype not in MERGE_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not accepted; accepted: {', '.join(MERGE_DTYPES)}")
+    shard_bytes = parse_size(max_shard_size)
     loaded = load_adapter(adapter_dir, base, dtype="fp32")
     target = _checkpoint_dtype(loaded.base_path) if dtype == "auto" else {
         "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
-                         tolerance=tolerance)
+                         tolerance=tolerance, max_shard_size=shard_bytes)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """A file size (bytes, or a string such as "5GB", "500MB", "2GiB") in bytes; refused when
+    it is not a positive size."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):]
+        try:
+            value = int(float(number) * _SIZE_UNITS[unit])
+        except (ValueError, KeyError):
+            value = -1
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r} is not a size; accepted: a positive number of bytes or a number "
+                         f"with a unit ({', '.join(u for u in _SIZE_UNITS if u)}), e.g. 5GB or 500MB")
+    return value
 
 
 def parity_inputs(loaded: LoadedAdapter) -> list[dict[str, torch.Tensor]]:
