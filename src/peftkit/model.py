@@ -24,7 +24,7 @@ from .methods.base import ModulesToSaveWrapper
 from .methods.prompt_learning import word_embeddings
 from .targeting import SEQ_CLS_HEAD_NAMES
 from .tuner import TunerModel
-from . import lm_head_split
+from . import lm_head_split, mixed_adapters
 
 
 class PeftModel(nn.Module):
@@ -68,6 +68,10 @@ class PeftModel(nn.Module):
     chunked_loss: bool = True
 
     def forward(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # one adapter per row (peft's mixed-adapter batch)
+            with mixed_adapters.rows_use_adapters(self, adapter_names, args, kwargs):
+                return self.base_model(*args, **kwargs)
         encoder = self._active_prompt_encoder()
         if encoder is not None:
             return encoder.run(self.get_base_model(), args, kwargs)
@@ -98,6 +102,10 @@ class PeftModel(nn.Module):
         return loss_sum, n
 
     def generate(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # one adapter per row (peft's mixed-adapter batch)
+            with mixed_adapters.rows_use_adapters(self, adapter_names, args, kwargs, generate=True):
+                return self.base_model.generate(*args, **kwargs)
         encoder = self._active_prompt_encoder()
         if encoder is None:
             return self.base_model.generate(*args, **kwargs)

@@ -201,7 +201,29 @@ class ModulesToSaveWrapper(AdapterLayer):
         return self.modules_to_save[self.active_adapters[0]]
 
     def forward(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # a mixed-adapter batch (peftkit.mixed_adapters): rows through their copies
+            return self._rows_forward(adapter_names, *args, **kwargs)
         return self.active_module()(*args, **kwargs)
+
+    def _rows_forward(self, adapter_names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of `x` through its adapter's copy ("__base__" or an adapter without a copy
+        here: the original module), as peft's ModulesToSaveWrapper does."""
+        if len(x) != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch reaching "
+                             f"{type(self.base_layer).__name__} has {len(x)} rows; give one name per row")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(row)
+        result = None
+        for name, rows in groups.items():
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
+            index = torch.tensor(rows, device=x.device)
+            out = module(x[index], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((len(x),) + tuple(out.shape[1:]))
+            result[index] = out
+        return result
 
     def __getattr__(self, name: str):
         # Code that reads e.g. `model.lm_head.weight` or `score.out_features` still works.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..base import AdapterLayer
 from ...kernels import fast_paths_enabled
 from ...targeting import linear_types
-from . import init
+from . import init, mixed_batch
 from .dora import DoraVariant
 from .variants import LoraVariant
 
@@ -134,6 +134,9 @@ class Linear(LoraLayer):
             self._base_changed()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # a mixed-adapter batch: one adapter per row (peftkit.mixed_adapters)
+            return mixed_batch.linear_forward(self, x, adapter_names, *args, **kwargs)
         if self.disabled:
             return self._base_forward(x, *args, **kwargs)
         if self.merged or not self.active_adapters:
@@ -182,6 +185,9 @@ class Embedding(LoraLayer):
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # a mixed-adapter batch: one adapter per row (peftkit.mixed_adapters)
+            return mixed_batch.embedding_forward(self, x, adapter_names, *args, **kwargs)
         if self.disabled:
             return self._base_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -229,6 +235,9 @@ class Conv2d(LoraLayer):
         return delta * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # a mixed-adapter batch: one adapter per row (peftkit.mixed_adapters)
+            return mixed_batch.conv2d_forward(self, x, adapter_names, *args, **kwargs)
         if self.disabled:
             return self._base_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
