@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench constraints clean
+.PHONY: setup demo test bench constraints clean test-llama-cpp
 
 # constraints.txt pins every dependency to the versions the suite last passed with.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -21,6 +21,12 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+# llama.cpp itself (built from source by llama-cpp-python: ~15 min on 2 cores) runs the GGUF
+# files `peftkit export` writes; kept out of `make test` and of the pinned constraints.
+test-llama-cpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install llama-cpp-python
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/cli/test_llama_cpp.py -s
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py

@@ -149,7 +149,7 @@ def test_merged_gguf_holds_the_merged_weights_and_the_tokenizer(lora_dir, llama_
 
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.tokens"] == [t for t, _ in vocab]
     types = fields["tokenizer.ggml.token_type"]
     assert types[tokenizer.convert_tokens_to_ids("<|im_start|>")] == 3 and types[100] == 1  # CONTROL, NORMAL
@@ -188,3 +188,23 @@ def test_merged_gguf_bf16_round_trips(lora_dir, llama_dir, tmp_path):
     values = gguf.quants.dequantize(emb.data, emb.tensor_type)
     want = AutoModelForCausalLM.from_pretrained(llama_dir).model.embed_tokens.weight.detach()  # not adapted
     np.testing.assert_array_equal(values, want.bfloat16().float().numpy())
+
+
+def test_qwen2_keeps_row_order_and_writes_the_attention_biases(tmp_path):
+    from export_helpers import save_qwen2
+    from transformers import AutoModelForCausalLM
+
+    base = save_qwen2(tmp_path / "qwen2")
+    adapter = make_adapter(base, tmp_path / "a", r=4, target_modules=["q_proj", "k_proj"])
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "a.gguf")]) == 0
+    fields, tensors = gguf_fields(tmp_path / "a.gguf")
+    assert fields["general.architecture"] == "qwen2"
+    b = adapter_tensors(adapter)["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight.lora_b"][0], b.numpy())  # NEOX rotary: as is
+
+    assert main(["export", str(adapter), "--to", "gguf-merged", "--out", str(tmp_path / "m.gguf"),
+                 "--dtype", "f32"]) == 0
+    fields, tensors = gguf_fields(tmp_path / "m.gguf")
+    bias = AutoModelForCausalLM.from_pretrained(base).model.layers[0].self_attn.k_proj.bias.detach()
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.bias"][0], bias.numpy())
+    assert fields["qwen2.attention.head_count"] == 4 and tensors["blk.0.attn_k.bias"][1] == "F32"

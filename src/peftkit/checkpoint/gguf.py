@@ -150,7 +150,8 @@ def write_model_gguf(path: str, config: Any, state: dict[str, torch.Tensor], *, 
         raise ValueError(f"GGUF export: these {gguf_arch(config).name} weights have no llama.cpp name: "
                          f"{', '.join(unknown)}")
     if rope.get("rope_type") == "llama3":
-        tensors.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_rope_factors(config, rope)))
+        rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        tensors.append((rope_freqs, _llama3_rope_factors(config, rope)))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[_check_dtype(dtype)]
 

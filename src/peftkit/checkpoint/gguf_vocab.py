@@ -5,9 +5,10 @@ token ids, whether BOS / EOS are added, and the chat template.
 llama.cpp re-implements each pre-tokenizer by name (`tokenizer.ggml.pre`); the names written here
 are recognised from the tokenizer's own pre-tokenizer (not from a hash of its output, as
 convert_hf_to_gguf.py does, so a tokenizer trained here converts too): GPT-2's built-in regex
-("gpt2"), Llama 3's ("llama-bpe") and Qwen2's ("qwen2"). Anything else (SentencePiece models,
+("gpt-2"), Llama 3's ("llama-bpe") and Qwen2's ("qwen2"). Anything else (SentencePiece models,
 WordPiece, other regexes, normalizers) is refused by name rather than written in a form
-llama.cpp would tokenize differently.
+llama.cpp would tokenize differently (Qwen2's NFC normalizer is the one exception, as in
+convert_hf_to_gguf.py).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
     if not pre:
         return None
     if _is_plain_byte_level(pre, use_regex=True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     if len(parts) == 2 and parts[0].get("type") == "Split" and _is_plain_byte_level(parts[1], use_regex=False):
         return SPLIT_PRE_TOKENIZERS.get(parts[0].get("pattern", {}).get("Regex"))
@@ -60,9 +61,12 @@ def vocab_writer(tokenizer: Any, vocab_size: int) -> Callable[[Any], None]:
     problems = []
     if model.get("type") != "BPE":
         problems.append(f"model type {model.get('type')!r} (not BPE)")
-    if spec.get("normalizer"):
-        problems.append(f"normalizer {spec['normalizer'].get('type')!r}")
     pre_name = pre_tokenizer_name(pre)
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    # Qwen2's tokenizers NFC-normalize; llama.cpp's qwen2 tokenizer does not, and
+    # convert_hf_to_gguf.py writes them all the same (text already in NFC tokenizes alike).
+    if normalizer and not (normalizer == "NFC" and pre_name == "qwen2"):
+        problems.append(f"normalizer {normalizer!r}")
     if pre_name is None:
         problems.append(f"pre-tokenizer {json.dumps(pre)[:200]}")
     if problems:
