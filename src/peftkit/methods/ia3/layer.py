@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import quantized_base
 from ..base import AdapterLayer
 
 
@@ -20,7 +21,7 @@ class IA3Linear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        rows, cols = base_layer.weight.shape
+        rows, cols = quantized_base.weight_shape(base_layer)
         self.in_features, self.out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
@@ -71,11 +72,20 @@ class IA3Linear(AdapterLayer):
             scales_columns_of_out_in = not scales_columns_of_out_in
         return vector.view(1, -1) if scales_columns_of_out_in else vector.view(-1, 1)
 
+    def _weight(self) -> torch.Tensor:
+        """The base weight in its stored layout; a quantized one dequantized (fp32)."""
+        return quantized_base.dequantized_weight(self.base_layer) if quantized_base.is_quantized(self.base_layer) \
+            else self.base_layer.weight
+
+    def _store_weight(self, weight: torch.Tensor) -> None:
+        quantized_base.store_weight(self.base_layer, weight)  # copies in place for a plain weight
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = [n for n in (names or self.active_adapters) if n in self.adapter_names and n not in self.merged_adapters]
-        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        bias = getattr(self.base_layer, "bias", None)
         for name in names:
+            weight = self._weight()
             factor = self._weight_factor(name)
             scales_bias = not self.is_feedforward[name] and bias is not None
             new_weight = (weight.float() * factor.float()).to(weight.dtype)
@@ -84,25 +94,26 @@ class IA3Linear(AdapterLayer):
                 raise ValueError(f"Merging adapter {name!r} produced NaN/inf weights; the adapter is broken")
             if (factor == 0).any():
                 self._merge_backup[name] = (weight.detach().clone(), bias.detach().clone() if scales_bias else None)
-            weight.data.copy_(new_weight)
+            self._store_weight(new_weight)
             if new_bias is not None:
                 bias.data.copy_(new_bias)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        bias = getattr(self.base_layer, "bias", None)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             scales_bias = not self.is_feedforward[name] and bias is not None
             if name in self._merge_backup:
                 old_weight, old_bias = self._merge_backup.pop(name)
-                weight.data.copy_(old_weight)
+                self._store_weight(old_weight)
                 if old_bias is not None:
                     bias.data.copy_(old_bias)
                 continue
             factor = self._weight_factor(name).float()
-            weight.data.copy_((weight.float() / factor).to(weight.dtype))
+            weight = self._weight()
+            self._store_weight((weight.float() / factor).to(weight.dtype))
             if scales_bias:
                 bias.data.copy_((bias.float() / factor.flatten()).to(bias.dtype))
 

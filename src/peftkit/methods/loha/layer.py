@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import quantized_base
 from ..lycoris import LycorisLayer, cp_rebuild
 
 
@@ -67,14 +68,14 @@ class LoHaLayer(LycorisLayer):
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
         w1, w2 = self._factor_weights(name)
-        return ((w1 * w2) * self.scaling[name]).reshape(self.base_layer.weight.shape)
+        return ((w1 * w2) * self.scaling[name]).reshape(quantized_base.weight_shape(self.base_layer))
 
 
 class LoHaLinear(LoHaLayer):
     """LoHa on nn.Linear."""
 
     def _weight_shape(self, use_effective_conv2d: bool) -> tuple[int, ...]:
-        return tuple(self.base_layer.weight.shape)
+        return quantized_base.weight_shape(self.base_layer)
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a1, b1, a2, b2 = (getattr(self, f"hada_{k}")[name] for k in ("w1_a", "w1_b", "w2_a", "w2_b"))

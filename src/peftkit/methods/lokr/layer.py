@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .. import quantized_base
 from ..lycoris import LycorisLayer, cp_rebuild
 
 
@@ -108,14 +109,15 @@ class LoKrLayer(LycorisLayer):
         w1, w2 = self.kron_factors(name)
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return (torch.kron(w1, w2.contiguous()) * self.scaling[name]).reshape(self.base_layer.weight.shape)
+        shape = quantized_base.weight_shape(self.base_layer)
+        return (torch.kron(w1, w2.contiguous()) * self.scaling[name]).reshape(shape)
 
 
 class LoKrLinear(LoKrLayer):
     """LoKr on nn.Linear; the delta is applied factor by factor, never as an [out, in] matrix."""
 
     def _dims(self) -> tuple[int, int, tuple[int, ...]]:
-        out_dim, in_dim = self.base_layer.weight.shape
+        out_dim, in_dim = quantized_base.weight_shape(self.base_layer)
         return out_dim, in_dim, ()
 
     def delta_output(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,12 @@ class DoraVariant(LoraVariant):
         key = (lora_A._version, lora_B._version)
         if not layer.training and self._cached is not None and self._cached[0] == key:
             return self._cached[1]
-        weight = layer.base_layer.weight
+        # A quantized base is dequantized for it on every call, as peft does (nothing kept).
+        fan_in_fan_out = layer.fan_in_fan_out and not layer.quantized
+        weight = layer.weight_out_in() if layer.quantized else layer.base_layer.weight
         if self._base_sq_norm is None:
-            self._base_sq_norm = weight_row_sq_norm(weight, layer.fan_in_fan_out)
-        norm = dora_weight_norm(weight, lora_A, lora_B, layer.scaling[name], self._base_sq_norm, layer.fan_in_fan_out)
+            self._base_sq_norm = weight_row_sq_norm(weight, fan_in_fan_out)
+        norm = dora_weight_norm(weight, lora_A, lora_B, layer.scaling[name], self._base_sq_norm, fan_in_fan_out)
         if not layer.training:
             self._cached = (key, norm)
         return norm
@@ -68,12 +70,10 @@ class DoraVariant(LoraVariant):
     @torch.no_grad()
     def unmerge(self, layer, name) -> None:
         """Invert the merge's scale with the norm recorded at merge time."""
-        weight = layer.base_layer.weight
         merged = layer.weight_out_in().float()
         scale = (layer.lora_magnitude_vector[name].weight.float() / self._merge_norm).unsqueeze(1)
         lora = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
-        original = merged / scale - lora
-        weight.data.copy_((original.T if layer.fan_in_fan_out else original).to(weight.dtype))
+        layer.store_weight_out_in(merged / scale - lora)
         self._merge_norm = None
 
     def fused_forward(self, layer, name, x) -> torch.Tensor | None:
@@ -98,7 +98,9 @@ class DoraVariant(LoraVariant):
         return out.to(compute_dtype(x))
 
     def forward(self, layer, name, x, result) -> torch.Tensor:
-        return dora_linear(x, result, layer.weight_out_in(), layer.base_layer.bias, layer.lora_A[name].weight,
+        # The weight is only read to recompute the base on a dropped input (dequantizing costs).
+        weight = layer.weight_out_in() if layer._dropout_p(name) > 0 else None
+        return dora_linear(x, result, weight, layer.base_layer.bias, layer.lora_A[name].weight,
                            layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight, layer.scaling[name],
                            layer._dropout_p(name), norm=self.norm(layer, name))
 
@@ -106,7 +108,7 @@ class DoraVariant(LoraVariant):
 def dora_linear(
     x: torch.Tensor,
     result: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -116,7 +118,7 @@ def dora_linear(
     norm: torch.Tensor,
 ) -> torch.Tensor:
     """`result` (= base(x), plus any earlier adapters) plus DoRA's correction; `weight` is
-    [out, in], `norm` [out].
+    [out, in] (read only with dropout, else may be None), `norm` [out].
 
     The plain path, step for step as PEFT computes it: x is cast to lora_A's dtype (fp32 for
     fp32 adapters) and the correction, scale included, is computed in that dtype; the sum comes

@@ -36,12 +36,17 @@ class LoraVariant:
     @torch.no_grad()
     def unmerge(self, layer: nn.Module, name: str) -> None:
         """Take the merged adapter out of the base weight again."""
+        if layer.quantized:
+            layer.store_weight_out_in(layer.weight_out_in() - layer.get_delta_weight(name))
+            return
         weight = layer.base_layer.weight
         weight.data -= layer.get_delta_weight(name).to(weight.dtype)
 
     def fused_forward(self, layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """Base and adapter as one fused node (`kernels.lora_linear`), or None where that does
         not apply and the layer takes the plain path."""
+        if isinstance(layer.scaling[name], torch.Tensor):  # hotswap-ready (methods/lora/hotswap.py): a graph input
+            return None
         base = layer.base_layer
         return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                            layer.scaling[name], layer._dropout_p(name), layer.training, layer.fan_in_fan_out)

@@ -1,0 +1,161 @@
+"""Frozen base layers whose weight is stored quantized: bitsandbytes 4-bit (nf4 / fp4, double
+quantization) and 8-bit (`Linear4bit`, `Linear8bitLt`, as transformers loads them with
+`BitsAndBytesConfig`), and torchao's NF4 tensor as an `nn.Linear` weight (torchtune's QLoRA).
+
+What an adapter needs from such a layer, whatever the storage: its [out, in] sizes, the weight
+as floats (DoRA's norm, PiSSA/OLoRA init, merging) and a way to store a changed weight back in
+the layer's own format. Nothing here imports bitsandbytes or torchao unless the model already
+holds their layers (their modules are looked up in `sys.modules`), so plain models pay nothing.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+BNB_4BIT, BNB_8BIT, TORCHAO_NF4 = "bitsandbytes-4bit", "bitsandbytes-8bit", "torchao-nf4"
+
+
+def _bnb_nn():
+    return getattr(sys.modules.get("bitsandbytes"), "nn", None)
+
+
+def _nf4_tensor_type() -> type | None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith("torchao") and name.endswith("nf4_tensor"):
+            return getattr(module, "NF4Tensor", None)
+    return None
+
+
+def quantized_format(module: nn.Module) -> str | None:
+    """BNB_4BIT, BNB_8BIT or TORCHAO_NF4 for a linear layer with a quantized weight, else None."""
+    bnb = _bnb_nn()
+    if bnb is not None:
+        if isinstance(module, bnb.Linear4bit):
+            return BNB_4BIT
+        if isinstance(module, bnb.Linear8bitLt):
+            return BNB_8BIT
+    nf4 = _nf4_tensor_type()  # an adapter layer forwards `.weight` to its base: nn.Linear only
+    if nf4 is not None and isinstance(module, nn.Linear) and isinstance(module.weight, nf4):
+        return TORCHAO_NF4
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return quantized_format(module) is not None
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight's logical shape ([out, in] for a linear layer): a packed 4-bit weight is stored
+    as [out * in / 2, 1] bytes."""
+    if quantized_format(module) == BNB_4BIT:
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the layer computes (and dequantizes) in."""
+    kind = quantized_format(module)
+    if kind == BNB_4BIT:
+        return module.compute_dtype or module.weight.quant_state.dtype
+    if kind == BNB_8BIT:
+        return torch.float16 if module.bias is None else module.bias.dtype
+    if kind == TORCHAO_NF4:
+        return module.weight.dtype
+    return module.weight.dtype
+
+
+def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight of a quantized linear layer as a plain [out, in] tensor (the values its forward
+    multiplies by), in `dtype`; a plain layer's weight as is (cast)."""
+    kind = quantized_format(module)
+    weight = module.weight
+    if kind == BNB_4BIT:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    if kind == BNB_8BIT:
+        import bitsandbytes.functional as bnbf
+
+        scale = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnbf.int8_vectorwise_dequant(weight.data, scale.to(weight.device)).to(dtype)
+    if kind == TORCHAO_NF4:
+        return weight.get_original_weight().to(dtype)
+    return weight.detach().to(dtype)
+
+
+@torch.no_grad()
+def store_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize `weight` ([out, in], any float dtype) into `module` in the module's own format
+    (block size, quant type, double quantization and storage dtype kept)."""
+    kind = quantized_format(module)
+    old = module.weight
+    if kind == BNB_4BIT:
+        import bitsandbytes as bnb
+
+        state = old.quant_state
+        new = bnb.nn.Params4bit(weight.to("cpu", state.dtype), requires_grad=False, blocksize=state.blocksize,
+                                compress_statistics=old.compress_statistics, quant_type=state.quant_type,
+                                quant_storage=old.quant_storage, module=module)
+        module.weight = new.to(old.device)
+    elif kind == BNB_8BIT:
+        import bitsandbytes as bnb
+
+        new = bnb.nn.Int8Params(weight.to("cpu", torch.float16), requires_grad=False,
+                                has_fp16_weights=old.has_fp16_weights)
+        module.weight = new.to(old.device)
+        module.state.reset_grads()
+        module.state.SCB = module.weight.SCB
+    elif kind == TORCHAO_NF4:
+        from torchao.quantization import to_nf4
+
+        new = to_nf4(weight.to(old.device, old.dtype), old.block_size, old.scaler_block_size)
+        module.weight = nn.Parameter(new, requires_grad=False)
+    else:
+        old.data.copy_(weight.to(old.dtype))
+
+
+def dequantized_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A plain nn.Linear computing what `module` computes (its weight dequantized) in `dtype`."""
+    out_features, in_features = weight_shape(module)
+    weight = dequantized_weight(module, dtype)
+    plain = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if module.bias is not None:
+        plain.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    return plain
+
+
+def quantized_layers(model: nn.Module) -> dict[str, str]:
+    """Module path -> format for every quantized linear layer in `model`."""
+    return {name: kind for name, module in model.named_modules() if (kind := quantized_format(module))}
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every quantized linear layer of `model` (adapter layers' bases included) by a plain
+    nn.Linear holding its dequantized weight in `dtype`; drop transformers' quantization markers so
+    that `save_pretrained` writes a plain model. Returns the replaced paths."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not is_quantized(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, dequantized_linear(module, dtype))
+        replaced.append(name)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+            if getattr(module, flag, False) is True:
+                try:
+                    setattr(module, flag, False)
+                except AttributeError:  # a read-only property derived from the quantizer below
+                    pass
+        if getattr(module, "hf_quantizer", None) is not None:
+            module.hf_quantizer = None
+        if getattr(module, "quantization_method", None) is not None:
+            module.quantization_method = None
+    return replaced
