@@ -19,7 +19,7 @@ from .checkpoint.sharded import gather_full
 from . import fast_attention
 from .config import PeftConfig, TaskType
 from .injection import add_modules_to_save, adapter_layers, eject_layers, inject_adapter
-from .methods import get_method
+from .methods import get_method, quantized_base
 from .methods.base import ModulesToSaveWrapper
 from .methods.prompt_learning import word_embeddings
 from .targeting import SEQ_CLS_HEAD_NAMES
@@ -233,12 +233,31 @@ class PeftModel(nn.Module):
         for _, layer in adapter_layers(self.get_base_model()):
             layer.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Fold the active adapter into the base weights and return the plain base model."""
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None, *,
+                         requantize: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain base model.
+
+        On a quantized base (4/8-bit) every quantized layer is dequantized, the adapter merged in
+        fp32, and the result is a plain model in `dtype` (default: the quantized layers' compute
+        dtype). `requantize=True` instead quantizes each merged weight again in its layer's format
+        (peft's behaviour; the rounding loses part of the adapter's change)."""
         self._refuse_merge()
+        base = self.get_base_model()
+        quantized = quantized_base.quantized_layers(base)
+        if (dtype is not None or requantize) and not quantized:
+            raise ValueError("merge_and_unload: dtype= and requantize= apply to a quantized base only; this model has "
+                             "no quantized layers (cast the merged model with .to(dtype) instead)")
         fast_attention.disable_fast_attention(self)  # before the adapter layers (marked too) leave the tree
-        eject_layers(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
-        return self.get_base_model()
+        if quantized and not requantize:
+            first = base.get_submodule(next(iter(quantized)))
+            dtype = dtype or quantized_base.compute_dtype(first)
+            replaced = quantized_base.dequantize_model(base, torch.float32)
+            eject_layers(base, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+            for path in replaced:  # an adapter's base layer now sits where the adapter layer was
+                base.get_submodule(path.removesuffix(".base_layer")).to(dtype)
+            return base
+        eject_layers(base, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return base
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer (no merge) and return the original base model."""

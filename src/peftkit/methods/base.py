@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import SavedAdapterLayer, copy_checked
+from . import quantized_base
 
 
 class AdapterLayer(SavedAdapterLayer):
@@ -111,6 +112,14 @@ class AdapterLayer(SavedAdapterLayer):
     @torch.no_grad()
     def merge(self, names: list[str] | None = None, safe_merge: bool = False) -> None:
         names = [n for n in (names or self.active_adapters) if n in self.adapter_names and n not in self.merged_adapters]
+        if quantized_base.is_quantized(self.base_layer):  # dequantize, add in fp32, quantize again
+            for name in names:
+                merged = quantized_base.dequantized_weight(self.base_layer) + self.get_delta_weight(name).float()
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"Merging adapter {name!r} produced NaN/inf weights; the adapter is broken")
+                quantized_base.store_weight(self.base_layer, merged)
+                self.merged_adapters.append(name)
+            return
         weight = self.base_layer.weight
         for name in names:
             delta = self.get_delta_weight(name).to(weight.dtype)
@@ -128,6 +137,10 @@ class AdapterLayer(SavedAdapterLayer):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            if quantized_base.is_quantized(self.base_layer):
+                unmerged = quantized_base.dequantized_weight(self.base_layer) - self.get_delta_weight(name).float()
+                quantized_base.store_weight(self.base_layer, unmerged)
+                continue
             weight.data -= self.get_delta_weight(name).to(weight.dtype)
 
     def _base_forward(self, x, *args, **kwargs):

@@ -21,9 +21,14 @@ def _bnb_nn():
     return getattr(sys.modules.get("bitsandbytes"), "nn", None)
 
 
+_NF4_MODULES = ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor")
+
+
 def _nf4_tensor_type() -> type | None:
-    for name, module in list(sys.modules.items()):
-        if name.startswith("torchao") and name.endswith("nf4_tensor"):
+    """torchao's NF4Tensor class once torchao has loaded it (its module moved between releases)."""
+    for name in _NF4_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
             return getattr(module, "NF4Tensor", None)
     return None
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import quantized_base
 from ..base import AdapterLayer
 from ...kernels import fast_paths_enabled
 from ...targeting import linear_types
@@ -53,6 +54,11 @@ class LoraLayer(AdapterLayer):
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.use_dora[name] = use_dora
 
+    @property
+    def quantized(self) -> str | None:
+        """The base weight's quantized format (`quantized_base`), or None for a plain weight."""
+        return quantized_base.quantized_format(self.base_layer)
+
     def _to_base_device(self, name: str) -> None:
         device = self.base_layer.weight.device
         for attr in self.adapter_containers:
@@ -74,8 +80,8 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        in_f, out_f = base_layer.weight.shape[::-1] if not fan_in_fan_out else base_layer.weight.shape
-        self.in_features, self.out_features = in_f, out_f
+        rows, cols = quantized_base.weight_shape(base_layer)
+        self.in_features, self.out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -90,19 +96,37 @@ class Linear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # PiSSA / OLoRA decompose the base weight: a quantized one is dequantized for that.
+        decomposes = init.parse_init(init_lora_weights).changes_base_weights
+        base_weight = self.weight_out_in() if decomposes and self.quantized else self.base_layer.weight
         lora_A, lora_B, new_weight = init.initial_weights(
             init_lora_weights, tuple(self.lora_A[name].weight.shape), tuple(self.lora_B[name].weight.shape), r,
-            self.scaling[name], base_weight=self.base_layer.weight, fan_in_fan_out=self.fan_in_fan_out)
+            self.scaling[name], base_weight=base_weight, fan_in_fan_out=self.fan_in_fan_out and not self.quantized)
         _set_initial(self.lora_A[name].weight, self.lora_B[name].weight, lora_A, lora_B)
         if new_weight is not None:  # PiSSA / OLoRA: the base keeps only the residual
-            self.base_layer.weight.data = new_weight
+            if self.quantized:
+                quantized_base.store_weight(self.base_layer, new_weight)
+            else:
+                self.base_layer.weight.data = new_weight
         self._to_base_device(name)
         self._base_changed()
         self.lora_variant[name].init(self, name)
 
     def weight_out_in(self) -> torch.Tensor:
+        """The base weight as [out, in]; a quantized one dequantized (fp32) to the values its forward uses."""
+        if self.quantized:
+            return quantized_base.dequantized_weight(self.base_layer)
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def store_weight_out_in(self, weight: torch.Tensor) -> None:
+        """Write a new base weight given as [out, in] (quantized again for a quantized base)."""
+        if self.quantized:
+            quantized_base.store_weight(self.base_layer, weight)
+        else:
+            stored = self.base_layer.weight
+            stored.data.copy_((weight.T if self.fan_in_fan_out else weight).to(stored.dtype))
 
     def _base_changed(self) -> None:
         for variant in self.lora_variant.values():
@@ -130,7 +154,14 @@ class Linear(LoraLayer):
         names = [n for n in (names or self.active_adapters) if n in self.adapter_names and n not in self.merged_adapters]
         for name in names:
             self.lora_variant[name].before_merge(self, name)
-            super().merge([name], safe_merge)
+            if self.quantized:  # dequantize, add in fp32, quantize again (rounds: peft warns the same)
+                merged = self.weight_out_in() + self.get_delta_weight(name)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"Merging adapter {name!r} produced NaN/inf weights; the adapter is broken")
+                self.store_weight_out_in(merged)
+                self.merged_adapters.append(name)
+            else:
+                super().merge([name], safe_merge)
             self._base_changed()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -141,8 +172,7 @@ class Linear(LoraLayer):
             return self._base_forward(x, *args, **kwargs)
         if self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
-        if (fast_paths_enabled("lora_linear") and len(self.active_adapters) == 1
-                and type(self.base_layer) in linear_types()):
+        if fast_paths_enabled("lora_linear") and self.fused_blocker() is None:
             name = self.active_adapters[0]
             fast = self.lora_variant[name].fused_forward(self, name, x)
             if fast is not None:
@@ -154,6 +184,18 @@ class Linear(LoraLayer):
         for name in self.active_adapters:
             result = self.lora_variant[name].forward(self, name, x, result)
         return result.to(dtype)
+
+    def fused_blocker(self) -> str | None:
+        """Why the fused LoRA op (`kernels.lora_linear`) does not run this layer, or None when it may.
+        A quantized base keeps its own forward (bitsandbytes dequantizes per call and again in
+        backward, keeping nothing), and the adapter branch is added to it on the plain path."""
+        if self.quantized:
+            return f"the base weight is quantized ({self.quantized})"
+        if type(self.base_layer) not in linear_types():
+            return f"the base is a {type(self.base_layer).__name__}, not nn.Linear or Conv1D"
+        if len(self.active_adapters) != 1:
+            return f"{len(self.active_adapters)} adapters are active (the fused op takes one)"
+        return None
 
     def _dropout_p(self, name: str) -> float:
         """The LoRA dropout probability in effect now (0 outside training)."""
