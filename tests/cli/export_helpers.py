@@ -56,42 +56,43 @@ def interleave_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return out
 
 
-def save_qwen2(folder: Path) -> str:
-    """A 2-layer Qwen2 (q/k/v biases, no rotary permutation in llama.cpp) with the tests' ChatML
-    byte-level tokenizer, saved to `folder`."""
-    from cli_helpers import build_chat_tokenizer
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+# Small bases of each architecture the GGUF writer supports, beside tests/cli/conftest.py's Llama.
+TINY_BASES = {
+    # q/k/v biases; llama.cpp's qwen2 graph rotates halves, so rows stay as they are
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    # per-head q/k norms
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    # llama.cpp runs Mistral as its llama architecture
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    # Llama 3's rope scaling, its original context cut to 16 positions so that the scaled
+    # frequencies matter within a short test text (llama.cpp reads them as rope_freqs)
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0}}),
+}
+
+
+def save_tiny(kind: str, folder: Path, **overrides) -> str:
+    """A 2-layer model of `kind` (a key of TINY_BASES) with the tests' ChatML byte-level tokenizer,
+    saved to `folder`; its biases, when it has any, are non-zero so that a dropped or misplaced
+    bias shows."""
+    import transformers
+    from cli_helpers import build_chat_tokenizer
+
+    config_cls, model_cls, extra = TINY_BASES[kind]
     tokenizer = build_chat_tokenizer()
     torch.manual_seed(1)
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # non-zero biases, so that a dropped or permuted bias shows
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    tie_word_embeddings=False, **extra)
+    settings.update(overrides)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def save_llama3_rope(folder: Path) -> str:
-    """A 2-layer Llama with Llama 3's rope scaling, its original context cut to 16 positions so
-    that the scaled frequencies matter within a short test text."""
-    from cli_helpers import build_chat_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_chat_tokenizer()
-    torch.manual_seed(2)
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16, "rope_theta": 500000.0}
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         rope_parameters=rope)
-    LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

@@ -191,10 +191,10 @@ def test_merged_gguf_bf16_round_trips(lora_dir, llama_dir, tmp_path):
 
 
 def test_qwen2_keeps_row_order_and_writes_the_attention_biases(tmp_path):
-    from export_helpers import save_qwen2
+    from export_helpers import save_tiny
     from transformers import AutoModelForCausalLM
 
-    base = save_qwen2(tmp_path / "qwen2")
+    base = save_tiny("qwen2", tmp_path / "qwen2")
     adapter = make_adapter(base, tmp_path / "a", r=4, target_modules=["q_proj", "k_proj"])
     assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "a.gguf")]) == 0
     fields, tensors = gguf_fields(tmp_path / "a.gguf")
@@ -208,3 +208,12 @@ def test_qwen2_keeps_row_order_and_writes_the_attention_biases(tmp_path):
     bias = AutoModelForCausalLM.from_pretrained(base).model.layers[0].self_attn.k_proj.bias.detach()
     np.testing.assert_array_equal(tensors["blk.0.attn_k.bias"][0], bias.numpy())
     assert fields["qwen2.attention.head_count"] == 4 and tensors["blk.0.attn_k.bias"][1] == "F32"
+
+
+def test_lm_head_lora_on_tied_embeddings_is_refused(tmp_path, capsys):
+    from export_helpers import save_tiny
+
+    base = save_tiny("mistral", tmp_path / "tied", tie_word_embeddings=True)
+    adapter = make_adapter(base, tmp_path / "a", r=2, target_modules=["lm_head", "v_proj"])
+    assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "a.gguf")]) == 1
+    assert "module lm_head: the base ties lm_head to the embeddings" in capsys.readouterr().err

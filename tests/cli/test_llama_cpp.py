@@ -34,18 +34,16 @@ def _llama_cpp_logits(model_path, ids, lora_path=None) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "llama3-rope"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "llama3-rope"])
 def base(request, tmp_path_factory, llama_dir):
-    """(HF folder, its GGUF, architecture): Llama (rotary rows permuted), Qwen2 (q/k/v biases, rows
-    as is), and Llama with Llama 3's rope scaling (a rope_freqs tensor)."""
-    from export_helpers import save_llama3_rope, save_qwen2
+    """(HF folder, its GGUF, kind): the conftest's Llama, and export_helpers.TINY_BASES."""
+    from export_helpers import save_tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.recipe.export import model_to_gguf
 
     root = tmp_path_factory.mktemp(request.param)
-    folder = {"llama": lambda: llama_dir, "qwen2": lambda: save_qwen2(root / "hf"),
-              "llama3-rope": lambda: save_llama3_rope(root / "hf")}[request.param]()
+    folder = llama_dir if request.param == "llama" else save_tiny(request.param, root / "hf")
     path = root / "base.gguf"
     model_to_gguf(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), str(path),
                   dtype="f32")
@@ -86,11 +84,11 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer_and_runs_the_base(base):
     assert diff < TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["all-linear", "embedding+rslora+patterns"])
+@pytest.mark.parametrize("kind", ["all-linear", "embedding+lm_head+rslora+patterns"])
 def test_adapter_gguf_in_llama_cpp_gives_peftkits_logits(kind, base, tmp_path):
     llama_dir, base_gguf, arch = base
     settings = ({"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} if kind == "all-linear" else
-                {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj", "k_proj", "down_proj"],
+                {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj", "k_proj", "down_proj", "lm_head"],
                  "use_rslora": True, "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"down_proj": 4}})
     adapter = make_adapter(llama_dir, tmp_path / "adapter", seed=5, **settings)
     assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "adapter.gguf")]) == 0

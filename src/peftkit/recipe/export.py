@@ -169,4 +169,7 @@ def model_to_gguf(model: Any, tokenizer: Any, out: str, *, dtype: str = "f16", n
     plain = merged_model(model) if hasattr(model, "merge_and_unload") else model
     with torch.no_grad():
         state = plain.state_dict()
+    bad = first_nonfinite(state.items())
+    if bad:
+        raise ValueError(f"the model weight {bad} is not finite; nothing was written")
     return len(write_model_gguf(out, plain.config, state, dtype=dtype, vocab=vocab, name=name))
