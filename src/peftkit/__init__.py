@@ -5,6 +5,7 @@ from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.lora.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from .model import PeftModel, get_peft_model
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "PromptTuningConfig",
     "PromptTuningInit", "PrefixTuningConfig", "PeftModel", "get_peft_model", "enable_fast_attention",
-    "disable_fast_attention", "fast_attention_enabled",
+    "disable_fast_attention", "fast_attention_enabled", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
 ]
 # The training loop (it pulls in accelerate) is imported on its own:
 #     from peftkit.train import TrainConfig, train
