@@ -121,3 +121,16 @@ def test_nan_weights_are_not_ready(plain, tmp_path, capsys):
     assert main(["export", str(broken), "--check", "vllm"]) == 1
     assert _reasons(capsys.readouterr().out) == [
         f"not ready: non-finite values in {key} (shape (8, 64): 0 NaN, 1 Inf): the server would serve NaN outputs"]
+
+
+def test_export_is_in_the_help(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for example in ("peftkit export out/run --to gguf --out a.gguf", "peftkit export out/run --to gguf-merged",
+                    "peftkit export out/run --check vllm --out clean/"):
+        assert example in text
+    assert main(["export", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--to {gguf,gguf-merged}", "--check {vllm,sglang}", "--dtype {f32,f16,bf16}", "--max-lora-rank N",
+                   "--out PATH", "--base MODEL"):
+        assert option in text

@@ -153,7 +153,7 @@ def write_model_gguf(path: str, config: Any, state: dict[str, torch.Tensor], *, 
         rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         tensors.append((rope_freqs, _llama3_rope_factors(config, rope)))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[_check_dtype(dtype)]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16}[check_dtype(dtype)]
 
     def fill(writer: Any) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
@@ -170,7 +170,7 @@ def write_model_gguf(path: str, config: Any, state: dict[str, torch.Tensor], *, 
     return [n for n, _ in tensors]
 
 
-def _check_dtype(dtype: str) -> str:
+def check_dtype(dtype: str) -> str:
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF dtype {dtype!r} is not accepted; accepted: {', '.join(GGUF_DTYPES)}")
     return dtype
@@ -178,7 +178,7 @@ def _check_dtype(dtype: str) -> str:
 
 def _add_tensor(gguf: Any, writer: Any, name: str, tensor: torch.Tensor, dtype: str) -> None:
     data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-    if _check_dtype(dtype) == "f16":
+    if check_dtype(dtype) == "f16":
         writer.add_tensor(name, data.astype("float16"))
     elif dtype == "bf16":
         qtype = gguf.GGMLQuantizationType.BF16

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..checkpoint.export import first_nonfinite, merged_model
-from ..checkpoint.gguf import (ARCHITECTURES, LoraPair, gguf_arch, import_gguf, llama_cpp_scale, tensor_namer,
-                               write_lora_gguf, write_model_gguf)
+from ..checkpoint.gguf import (ARCHITECTURES, LoraPair, check_dtype, gguf_arch, import_gguf, llama_cpp_scale,
+                               tensor_namer, write_lora_gguf, write_model_gguf)
 from ..checkpoint.gguf_vocab import vocab_writer
 from ..config import PeftConfig
 from ..injection import adapter_layers
@@ -58,7 +58,9 @@ def export_adapter(adapter_dir: str, to: str, out: str, *, base: str | None = No
     """
     if to not in EXPORT_FORMATS:
         raise ValueError(f"--to {to!r} is not an export format; accepted: {', '.join(EXPORT_FORMATS)}")
-    dtype = dtype or DEFAULT_DTYPE[to]
+    dtype = check_dtype(dtype or DEFAULT_DTYPE[to])
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a folder; give a file name for the GGUF file, e.g. {out}/model.gguf")
     import_gguf()  # a missing package is said before the model is loaded
     if to == "gguf":
         return _export_lora(adapter_dir, out, base, dtype)

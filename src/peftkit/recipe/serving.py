@@ -1,13 +1,16 @@
 """`peftkit export ADAPTER --check vllm|sglang`: will this adapter folder load in that server,
 and if not, why (one reason a line). Reads only adapter_config.json and adapter_model.safetensors.
 
-The rules follow each server's adapter loader (vLLM: vllm/lora/peft_helper.py and the model's
-LoRA module list; SGLang: python/sglang/srt/lora/), as of vLLM 0.11-0.22 and SGLang 0.5:
+The rules follow each server's adapter loader as its code and documentation describe it
+(vLLM: vllm/lora/peft_helper.py, LoRAConfig, the models' LoRA modules; SGLang: its LoRA serving
+docs and python/sglang/srt/lora/); servers change, so a reason names the setting it is about:
 - both serve plain LoRA only: no other method, no DoRA, no `modules_to_save` copies, no bias;
-- vLLM refuses ranks above `--max-lora-rank` (default 16, rank_pattern included); SGLang sizes
-  its buffers from the adapters it loads, so it has no default limit;
+- vLLM refuses ranks above `--max-lora-rank` (LoRAConfig default 16, rank_pattern included);
+  SGLang infers its max_lora_rank from the adapters it loads, so it has no default limit;
 - vLLM refuses inits that change the base weights (PiSSA, OLoRA, CorDA, LoftQ);
-- tensors other than LoRA A / B are not read (a server would silently drop them).
+- SGLang adapts the attention and MLP projections, not embed_tokens / lm_head;
+- tensors other than LoRA A / B are not read (a server would silently drop them), and NaN / Inf
+  values would be served.
 """
 
 from __future__ import annotations
