@@ -40,7 +40,7 @@ from .config import config_changes
 __all__ = ["CheckpointError", "STATE_FILE", "TRAINABLE_FILE", "OPTIMIZER_TENSORS_FILE", "OPTIMIZER_JSON_FILE",
            "RNG_FILE", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "describe_changes",
            "check_against_run", "find_latest_checkpoint", "list_checkpoints", "prune_checkpoints",
-           "remove_stale_temporaries", "resolve_resume_path"]
+           "read_state", "remove_stale_temporaries", "resolve_resume_path"]
 
 
 # ---- saving ----------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, d
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, per_param in sd["state"].items():
-        for key, value in per_param.items():
+        for key, value in _flat_state(per_param):
             if isinstance(value, torch.Tensor):
                 tensors[f"state.{index}.{key}"] = gather_full(value.detach()).cpu().contiguous()
             else:
@@ -271,10 +271,30 @@ def _load_optimizer(folder: Path, meta: dict[str, Any], tensors: dict[str, torch
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         _, index, name = key.split(".", 2)
+        like = params[int(index)]
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            value = shard_like(value, params[int(index)])  # moments are shaped (and sharded) as their param
-        state.setdefault(int(index), {})[name] = value
+            if value.is_floating_point() and value.shape == like.shape:
+                value = shard_like(value, like)  # moments are shaped (and sharded) as their param
+            else:  # quantized moments (8-bit optimizers) keep their own dtype and shape
+                value = value.to(like.device)
+        *outer, leaf = name.split("/")
+        per_param = state.setdefault(int(index), {})
+        for part in outer:
+            per_param = per_param.setdefault(part, {})
+        per_param[leaf] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _flat_state(per_param: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A parameter's optimizer state as (key, value) pairs; nested dicts (bitsandbytes keeps its
+    8-bit moments under one) become "outer/inner" keys."""
+    pairs = []
+    for key, value in per_param.items():
+        if isinstance(value, dict):
+            pairs += _flat_state(value, f"{prefix}{key}/")
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
 
 
 def _load_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

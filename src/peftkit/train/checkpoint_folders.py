@@ -2,7 +2,8 @@
 and what a killed save left behind.
 
 A checkpoint is built in `checkpoint-{step}.tmp-{pid}` and renamed to `checkpoint-{step}`; its
-state file is written last, so a folder with that file is complete. Re-saving a step that
+state file is written last, so a folder with that file is complete. Pruning renames a folder to
+`checkpoint-{step}.deleting-{pid}` before deleting it. Re-saving a step that
 exists moves the old folder to `checkpoint-{step}.old-{pid}` before renaming the new one in: a
 kill between the two renames leaves both copies, and `remove_stale_temporaries` puts the newer
 complete one back in place instead of deleting them.
@@ -21,7 +22,7 @@ from typing import Any
 from .checkpoint_check import STATE_FILE, CheckpointError, check_checkpoint
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_TMP_RE = re.compile(r"^checkpoint-(\d+)\.(tmp|old)-(\d+)$")
+_TMP_RE = re.compile(r"^checkpoint-(\d+)\.(tmp|old|deleting)-(\d+)$")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -134,7 +135,7 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     for step, leftovers in sorted(by_step.items()):
         final = root / f"checkpoint-{step}"
         if not final.exists():
-            complete = [p for p in leftovers if (p / STATE_FILE).is_file()]
+            complete = [p for p in leftovers if ".deleting-" not in p.name and (p / STATE_FILE).is_file()]
             # The new copy (.tmp) is complete only if its state file was written; prefer it.
             complete.sort(key=lambda p: ".tmp-" not in p.name)
             if complete:
@@ -155,7 +156,11 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int, up_to_step:
     found = [(step, path) for step, path in list_checkpoints(output_dir) if up_to_step is None or step <= up_to_step]
     doomed = [path for _, path in found[: max(0, len(found) - keep_last)]]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed first: a kill in the middle of deleting must not leave a `checkpoint-N` that
+        # still has its state file but lacks others; the renamed rest is cleared on the next start.
+        going = path.with_name(f"{path.name}.deleting-{os.getpid()}")
+        os.replace(path, going)
+        shutil.rmtree(going, ignore_errors=True)
     return doomed
 
 

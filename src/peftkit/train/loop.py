@@ -23,7 +23,7 @@ from accelerate.utils import broadcast, set_seed
 
 from ..fast_attention import disable_fast_attention, enable_fast_attention, fast_attention_enabled
 from ..kernels.compile import compile_decoder_layers
-from .checkpoint import check_against_run, describe_changes, load_checkpoint, save_checkpoint
+from .checkpoint import check_against_run, describe_changes, load_checkpoint, read_state, save_checkpoint
 from .divergence import DivergenceWatch
 from .config import TrainConfig
 from .data import Batch, CollateFn, DataPlan, data_fingerprint, make_collate
@@ -232,8 +232,10 @@ def _resume(run: _Run) -> None:
     if run.resume_path is None:
         return
     accelerator = run.accelerator
+    # Before loading: the optimizer still holds the rates this run's config gives.
+    check_against_run(run.resume_path, read_state(run.resume_path), run.total_steps, run.optimizer,
+                      run.identity["config"])
     saved = load_checkpoint(run.resume_path, accelerator, run.model, run.optimizer)
-    check_against_run(run.resume_path, saved, run.total_steps, run.optimizer, run.identity["config"])
     run.scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None and saved.get("scaler"):
         accelerator.scaler.load_state_dict(saved["scaler"])
