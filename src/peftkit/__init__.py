@@ -1,4 +1,6 @@
 """peftkit: parameter-efficient fine-tuning with PEFT-compatible adapters."""
+from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM,
+                   AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from .config import PeftConfig, TaskType
 from .fast_attention import disable_fast_attention, enable_fast_attention, fast_attention_enabled
 from .methods.ia3 import IA3Config
@@ -16,6 +18,8 @@ __all__ = [
     "PeftConfig", "TaskType", "LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "PromptTuningConfig",
     "PromptTuningInit", "PrefixTuningConfig", "PeftModel", "get_peft_model", "enable_fast_attention",
     "disable_fast_attention", "fast_attention_enabled", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "AutoPeftModelForSeq2SeqLM",
 ]
 # The training loop (it pulls in accelerate) is imported on its own:
 #     from peftkit.train import TrainConfig, train
