@@ -104,6 +104,9 @@ def test_an_unsupported_architecture_is_refused_by_name(tmp_path, capsys):
     adapter = make_adapter(str(base), tmp_path / "a", r=2, target_modules=["c_attn"])
     assert main(["export", str(adapter), "--to", "gguf", "--out", str(tmp_path / "a.gguf")]) == 1
     assert "base architecture 'gpt2': supported llama, mistral, qwen2, qwen3" in capsys.readouterr().err
+    assert main(["export", str(adapter), "--to", "gguf-merged", "--out", str(tmp_path / "m.gguf")]) == 1
+    assert "does not support model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_usage_errors(lora_dir, tmp_path, capsys):

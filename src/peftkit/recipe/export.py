@@ -149,6 +149,7 @@ def _export_lora(adapter_dir: str, out: str, base: str | None, dtype: str) -> Ex
 
 
 def _export_merged(adapter_dir: str, out: str, base: str | None, dtype: str) -> ExportReport:
+    gguf_arch(_base_config(adapter_dir, PeftConfig.from_pretrained(adapter_dir), base))  # before any weights load
     loaded = load_adapter(adapter_dir, base, dtype="fp32")
     if loaded.task != "causal-lm":
         raise ExportError(f"{adapter_dir} cannot be written as a llama.cpp model",
