@@ -242,14 +242,15 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     return model
 
 
-def base_memory(model: nn.Module, quantization: QuantizationConfig | None) -> tuple[int, int]:
+def base_memory(model: nn.Module, quantization: QuantizationConfig | None, element_bytes: float) -> tuple[int, int]:
     """(bytes of the weights unquantized, bytes once quantized) for a model built on the meta
-    device: the linear layers except the output head are quantized, everything else stays."""
+    device, its weights `element_bytes` each: the linear layers except the output head are
+    quantized (as transformers and `quantize_nf4` do), everything else stays."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     plain = quantized = 0
     for module in model.modules():
         for param in module.parameters(recurse=False):
-            size = param.numel() * param.element_size()
+            size = int(param.numel() * element_bytes)
             plain += size
             if quantization is not None and type(module) is nn.Linear and module is not head and param.dim() == 2:
                 quantized += int(param.numel() * quantization.bytes_per_weight())

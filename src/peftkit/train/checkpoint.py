@@ -120,10 +120,15 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, d
         return {"tensors": tensors, "param_groups": groups, "param_names": names, "scalars": {}}
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
+    seen: set[int] = set()
     for index, per_param in sd["state"].items():
         for key, value in _flat_state(per_param):
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = gather_full(value.detach()).cpu().contiguous()
+                value = gather_full(value.detach()).cpu().contiguous()
+                if value.data_ptr() in seen:  # one tensor shared by several params (bitsandbytes' qmaps)
+                    value = value.clone()
+                seen.add(value.data_ptr())
+                tensors[f"state.{index}.{key}"] = value
             else:
                 scalars[f"state.{index}.{key}"] = value
     return {"tensors": tensors, "param_groups": sd["param_groups"],

@@ -19,6 +19,9 @@ LOOP_TASKS = ("causal-lm", "seq-cls", "token-cls")
 TASKS = ("auto", *LOOP_TASKS)
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# adamw: torch's; the others bitsandbytes' (8-bit moments; paged: moments in memory the GPU pages
+# to the host under pressure; on CPU bitsandbytes runs them unpaged).
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw")
 
 # Fields that may differ between a run and its resumption without changing what is trained.
 RESUME_NEUTRAL_FIELDS = frozenset({"resume_from", "progress", "tensorboard", "log_every", "output_dir", "compile",
@@ -68,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     resume_from: str | None = None  # "latest", a checkpoint folder, or None
     lora_plus_ratio: float | None = None  # LoRA+: B matrices learn at lr * ratio (e.g. 16)
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     compile: bool = False  # torch.compile each decoder layer (faster steps after a compile warm-up)
     # peftkit's attention kernel for the run's SDPA attention (peftkit.enable_fast_attention;
     # where it applies: CPU, bf16/fp16, train mode); the model gets its own attention back after.
@@ -178,6 +182,7 @@ _RANGE_CHECKS = [
     ("early_stopping_patience", _number(1, optional=True), "an integer >= 1 or null"),
     ("resume_from", lambda v: v is None or bool(v), "'latest', a checkpoint folder path, or null"),
     ("lora_plus_ratio", _number(0, lo_open=True, optional=True), "a number > 0 or null"),
+    ("optimizer", _one_of(OPTIMIZERS), _choices(OPTIMIZERS)),
 ]
 
 

@@ -11,11 +11,13 @@ from .config import TrainConfig
 OptimizerFactory = Callable[[torch.nn.Module, TrainConfig], torch.optim.Optimizer]
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, vectors (biases, norms) do not.
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (`config.optimizer`: torch's, or bitsandbytes' 8-bit / paged one) over the trainable
+    parameters; matrices decay, vectors (biases, norms) do not.
 
     With `lora_plus_ratio`, LoRA+ groups: B matrices learn `ratio` times faster than A.
     """
+    adamw = _adamw_class(config.optimizer)
     if config.lora_plus_ratio is not None:
         from ..methods.lora.plus import lora_plus_param_groups
 
@@ -23,7 +25,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
                                         weight_decay=config.weight_decay)
         if not groups:
             raise ValueError("lora_plus_ratio is set but the model has no trainable parameters")
-        return torch.optim.AdamW(groups, lr=config.lr)
+        return adamw(groups, lr=config.lr)
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:
@@ -37,4 +39,16 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return adamw([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _adamw_class(name: str) -> type:
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except ImportError:
+        raise ValueError(f"train.optimizer: {name} is bitsandbytes' optimizer; pip install 'peftkit[quantization]' "
+                         f"or use optimizer: adamw") from None
+    return {"adamw_8bit": bnb_optim.AdamW8bit, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
+            "paged_adamw": bnb_optim.PagedAdamW}[name]
