@@ -20,6 +20,18 @@ __all__ = [
     "disable_fast_attention", "fast_attention_enabled", "hotswap_adapter", "prepare_model_for_compiled_hotswap",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "AutoPeftModelForSeq2SeqLM",
+    "QuantizationConfig", "load_quantized_model", "quantize_nf4", "prepare_model_for_kbit_training",
 ]
+# Quantized bases (QLoRA) live in the recipe layer with the other loaders; imported on first use so
+# that `import peftkit` does not pull in the data pipeline and the training loop.
+_QUANTIZATION = ("QuantizationConfig", "load_quantized_model", "quantize_nf4", "prepare_model_for_kbit_training")
+
+
+def __getattr__(name: str):
+    if name in _QUANTIZATION:
+        from .recipe import quantization
+
+        return getattr(quantization, name)
+    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
 # The training loop (it pulls in accelerate) is imported on its own:
 #     from peftkit.train import TrainConfig, train
