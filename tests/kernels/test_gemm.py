@@ -15,9 +15,21 @@ N, IN, OUT, R = 128, 256, 256, 8
 assert N * IN * OUT >= _gemm.MIN_ONEDNN_MACS
 
 
-def test_onednn_route_available_on_x86_builds_with_mkldnn():
-    expected = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-    assert _gemm.onednn_fp32_available() == expected
+ONEDNN_POSSIBLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+@pytest.fixture(autouse=True)
+def onednn_route(monkeypatch):
+    """The route is chosen only on AVX-512 CPUs; the tests below run it wherever oneDNN exists,
+    so its results are checked on any x86 machine."""
+    monkeypatch.setattr(_gemm, "_ONEDNN_FP32", ONEDNN_POSSIBLE)
+
+
+def test_onednn_route_is_chosen_only_with_avx512(monkeypatch):
+    monkeypatch.undo()
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert _gemm.onednn_fp32_available() == (ONEDNN_POSSIBLE and avx512)
+    monkeypatch.setattr(_gemm, "_ONEDNN_FP32", True)
     with torch.backends.mkldnn.flags(enabled=False):
         assert not _gemm.onednn_fp32_available()
 

@@ -12,8 +12,8 @@
   a transformers model's SDPA calls to it in train mode, bf16/fp16, on CPU.
 - `compile_decoder_layers` (in `kernels.compile`): torch.compile on each decoder layer.
 
-Large fp32 matmuls of the fast paths run on oneDNN on x86 CPUs (`_gemm.linear_nt`: ~2.3x
-MKL's sgemm on AMD CPUs, where MKL uses its AVX2 code).
+Large fp32 matmuls of the fast paths run on oneDNN on x86 CPUs with AVX-512 (`_gemm.linear_nt`:
+~2.3x MKL's sgemm on AMD CPUs, where MKL uses its AVX2 code; without AVX-512, MKL is faster).
 
 Each op has its own switch: `set_fast_path("attention", False)` (or
 `with fast_paths(False, "attention"):`, or PEFTKIT_FAST_PATHS=-attention in the environment)

@@ -2,9 +2,11 @@
 
 On x86 CPUs, torch's fp32 `mm` calls MKL's sgemm, which runs its AVX2 code on non-Intel CPUs
 (measured on an AMD EPYC with AVX-512: ~100 GFLOP/s per core); oneDNN's fp32 matmul, which torch
-also ships, uses AVX-512 there (~230 GFLOP/s, benchmarks/README.md). Both compute in fp32 with
-fp32 accumulation, so results differ only in summation order. bf16 `mm` already goes through
-oneDNN, other dtypes and devices stay on `torch.mm`.
+also ships, uses AVX-512 there (~230 GFLOP/s, benchmarks/README.md). Without AVX-512 oneDNN has
+no such edge (a Zen 3 EPYC with AVX2: oneDNN 78 GFLOP/s, MKL 90), so the route is taken only
+where torch reports AVX-512. Both compute in fp32 with fp32 accumulation, so results differ only
+in summation order. bf16 `mm` already goes through oneDNN, other dtypes and devices stay on
+`torch.mm`.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ __all__ = ["linear_nt", "onednn_fp32_available"]
 def _onednn_fp32() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False  # aarch64 builds route oneDNN to other backends; not measured
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    return hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 _ONEDNN_FP32 = _onednn_fp32()
