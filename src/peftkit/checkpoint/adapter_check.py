@@ -21,7 +21,7 @@ SIZE_FIELDS = ("r", "num_virtual_tokens", "token_dim", "encoder_hidden_size", "n
                "num_transformer_submodules")
 # A field that sets no tensor size for this method: LoKr stores whole factors when r is large.
 _NOT_A_SIZE = {"LOKR": {"r"}}
-NONFINITE_HINT = "pass check_finite=False (CLI: --allow-nonfinite) to load it anyway for inspection"
+NONFINITE_HINT = "Pass check_finite=False (CLI: --allow-nonfinite) to load it anyway for inspection"
 
 Header = dict[str, tuple[str, tuple[int, ...]]]
 

@@ -21,6 +21,8 @@ EPILOG = """examples:
   peftkit inspect MODEL --config config.yaml  targetable modules, what the config matches
 """
 
+ALLOW_NONFINITE_HELP = "load an adapter holding NaN/Inf values anyway (to inspect a broken file); refused by default"
+
 # Exit codes: 1 = the command ran and found a problem (preview, parity, inspect) or failed;
 # 2 = the command line or config is wrong (argparse uses 2 as well).
 EXIT_PROBLEM, EXIT_USAGE = 1, 2
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     p.add_argument("--base", metavar="MODEL")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
 
     p = sub.add_parser("eval", help="loss/perplexity or accuracy of an adapter on a data file")
     p.add_argument("adapter", metavar="ADAPTER")
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, help="default: the training run's data.max_length")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
 
     p = sub.add_parser("inspect", help="modules an adapter can target; what a config matches; sizes")
     p.add_argument("model", metavar="MODEL")
@@ -159,7 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..recipe import generate
 
     generate(args.adapter, args.prompt, max_new_tokens=args.max_new_tokens, base=args.base,
-             temperature=args.temperature, dtype=args.dtype)
+             temperature=args.temperature, dtype=args.dtype, check_finite=not args.allow_nonfinite)
     return 0
 
 
@@ -167,7 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..recipe import evaluate_adapter
 
     report = evaluate_adapter(args.adapter, args.data, base=args.base, batch_size=args.batch_size,
-                              max_length=args.max_length, dtype=args.dtype)
+                              max_length=args.max_length, dtype=args.dtype, check_finite=not args.allow_nonfinite)
     print(report.text())
     return 0
 

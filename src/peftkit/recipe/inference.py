@@ -53,7 +53,7 @@ def render_prompt(loaded: LoadedAdapter, prompt: str) -> tuple[str, bool]:
 
 
 def generate(adapter_dir: str, prompt: str, *, max_new_tokens: int = 128, base: str | None = None,
-             temperature: float = 0.0, stream: bool = True, dtype: str = "auto") -> str:
+             temperature: float = 0.0, stream: bool = True, dtype: str = "auto", check_finite: bool = True) -> str:
     """Generate a reply to `prompt` with the adapter on its base model; streams it to stdout
     (transformers' TextStreamer) when `stream`. Greedy unless temperature > 0. Returns the new text."""
     from transformers import TextStreamer
@@ -65,7 +65,7 @@ def generate(adapter_dir: str, prompt: str, *, max_new_tokens: int = 128, base: 
         problems.append(f"temperature={temperature!r}: expected a number >= 0 (0: greedy)")
     if problems:
         raise ValueError("; ".join(problems))
-    loaded = load_adapter(adapter_dir, base, dtype)
+    loaded = load_adapter(adapter_dir, base, dtype, check_finite=check_finite)
     if loaded.task not in ("causal-lm", "seq2seq"):
         raise LoadError(f"generate needs a causal-lm or seq2seq adapter; {adapter_dir} is a {loaded.task} adapter "
                         f"(use `peftkit eval {adapter_dir} --data FILE`)")
@@ -105,7 +105,7 @@ class EvalReport:
 
 
 def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = None, batch_size: int = 8,
-                     max_length: int | None = None, dtype: str = "auto") -> EvalReport:
+                     max_length: int | None = None, dtype: str = "auto", check_finite: bool = True) -> EvalReport:
     """Loss and perplexity (causal-lm, seq2seq) or accuracy (seq-cls: per row, token-cls: per
     tagged token) of an adapter on a data file.
 
@@ -114,7 +114,7 @@ def evaluate_adapter(adapter_dir: str, data_path: str, *, base: str | None = Non
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
-    loaded = load_adapter(adapter_dir, base, dtype)
+    loaded = load_adapter(adapter_dir, base, dtype, check_finite=check_finite)
     settings = dict((loaded.run_config or {}).get("data") or {})
     settings.update(path=data_path, eval_path=None, eval_split=0.0)
     if max_length is not None:

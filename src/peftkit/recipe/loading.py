@@ -166,8 +166,9 @@ class LoadedAdapter:
 
 
 def load_adapter(adapter_dir: str, base: str | None = None, dtype: str = "auto",
-                 trust_remote_code: bool = False) -> LoadedAdapter:
-    """Load `adapter_dir` onto its base model (`base`, else the adapter's base_model_name_or_path)."""
+                 trust_remote_code: bool = False, check_finite: bool = True) -> LoadedAdapter:
+    """Load `adapter_dir` onto its base model (`base`, else the adapter's base_model_name_or_path);
+    `check_finite=False` loads an adapter holding NaN / Inf (to inspect it) instead of refusing it."""
     from ..model import PeftModel
 
     peft_config = PeftConfig.from_pretrained(adapter_dir)
@@ -178,7 +179,7 @@ def load_adapter(adapter_dir: str, base: str | None = None, dtype: str = "auto",
     labels = read_labels(adapter_dir, task)
     model_config = ModelConfig(path=base_path, task=task, dtype=dtype, trust_remote_code=trust_remote_code)
     model = load_model(model_config, labels)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, check_finite=check_finite)
     peft_model.eval()
     tokenizer = _adapter_tokenizer(adapter_dir, base_path, trust_remote_code)
     run_config = None

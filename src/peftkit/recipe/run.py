@@ -20,6 +20,7 @@ from ..data import PreparedData, prepare_datasets
 from ..model import get_peft_model
 from ..train import TrainConfig, TrainResult, train
 from ..train.data import DataPlan
+from ..train.run_lock import hold_output_dir
 from ..train.runtime import make_accelerator, process_state
 from .loading import RUN_CONFIG_FILE, adapter_config, load_model, load_tokenizer, meta_model, write_labels
 from .schema import RunConfig
@@ -78,10 +79,18 @@ def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = prin
     One Accelerator serves the whole run (the eval before, the loop, "am I the main process"),
     and the loop writes the run's files, this run's eval before and summary keys included.
     """
-    from accelerate.utils import set_seed
-
     wall0, cpu0 = time.perf_counter(), time.process_time()
     accelerator = make_accelerator(config.train)
+    # Owned before anything is loaded: a second run into this folder fails at once, not after
+    # loading its model, and this run's tokenizer and run_config.yaml are written under the lock.
+    with hold_output_dir(config.train.output_dir, accelerator.is_main_process):
+        return _run_training(config, accelerator, eval_before, log, wall0, cpu0)
+
+
+def _run_training(config: RunConfig, accelerator: Any, eval_before: bool, log: Log, wall0: float,
+                  cpu0: float) -> RunResult:
+    from accelerate.utils import set_seed
+
     tokenizer = load_tokenizer(config.model)
     # Under torchrun / accelerate launch, rank 0 tokenizes and fills the cache first; the
     # others then read it instead of writing the same cache files at the same time.
