@@ -186,3 +186,24 @@ def test_methods_without_mixed_batches_say_so():
     dora = peftkit.get_peft_model(llama(), peftkit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).eval()
     with pytest.raises(ValueError, match="DoRA"):
         dora(input_ids=torch.ones(2, 3, dtype=torch.long), adapter_names=["default", "__base__"])
+
+
+def test_benchmark_script_runs_and_both_sides_agree(tmp_path):
+    """benchmarks/mixed_batch.py at a tiny shape: every configuration timed on both sides, same logits."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mixed_batch.py"
+    spec = importlib.util.spec_from_file_location("mixed_batch_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--hidden", "64", "--layers", "1", "--vocab", "128", "--seq", "8", "--batch", "3",
+                         "--rank", "4", "--warmup", "0", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert {(r["side"], r["config"]) for r in result["rows"]} == {
+        (s, c) for s in ("peftkit", "peft")
+        for c in ("one adapter", "names: all a1", "names: a1/a2", "names: a1/a2/base")}
+    assert all(r["s_per_forward"] > 0 and r["cpu_s_per_forward"] > 0 for r in result["rows"])
+    assert max(result["max_abs_diff_to_peft"].values()) <= 1e-5
