@@ -1,0 +1,75 @@
+"""Runs that would "complete" with a destroyed adapter: an infinite gradient norm stops the run
+naming the step; a wild update or a rising loss is warned once, with its numbers."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _tiny_train import lm_rows, max_diff, tiny_llama, trainable
+
+from peftkit.train import TrainConfig, train
+from peftkit.train.state import NonFiniteGradError
+
+
+def config(out, **overrides) -> TrainConfig:
+    values = dict(output_dir=str(out), progress=False, log_every=1, seed=7, micro_batch_size=4, max_steps=5,
+                  save_every=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def divergence_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "diverging" in str(w.message)]
+
+
+def test_a_huge_learning_rate_is_warned_once_with_its_numbers(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=1e6))
+    found = divergence_warnings(caught)
+    assert len(found) == 1, found  # once per run, not once per step
+    assert found[0].startswith("step 1: the update moved the trainable weights by ")
+    ratio = float(found[0].split(" by ")[1].split(" times")[0])
+    assert ratio > 1e5 and "at lr 1e+06" in found[0]
+
+
+def test_a_rising_loss_is_warned_once(tmp_path):
+    from peftkit.train import causal_lm_loss
+
+    calls = []
+
+    def worsening(model, batch):  # from step 2 on, the loss is 3 times the true one
+        calls.append(1)
+        loss_sum, n = causal_lm_loss(model, batch)
+        return loss_sum * (1 if len(calls) == 1 else 3), n
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=1e-3), loss_fn=worsening)
+    found = divergence_warnings(caught)
+    assert len(found) == 1 and found[0].startswith("step 2: loss ") and "times the first step's" in found[0]
+
+
+def test_a_healthy_run_is_not_warned(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=5e-3))
+    assert divergence_warnings(caught) == []
+
+
+def test_an_infinite_gradient_norm_stops_before_the_update(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=1e36, target_modules="all-linear"))
+    before = trainable(model)
+    with pytest.raises(NonFiniteGradError, match=r"gradient norm is inf at optimizer step 1 \(loss [0-9.]+\); "
+                                                 r"training stopped before applying that step, no checkpoint was "
+                                                 r"saved before it"):
+        train(model, lm_rows(16), None, config(tmp_path, lr=1e-3))
+    assert max_diff(trainable(model), before) == 0
