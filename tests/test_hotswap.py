@@ -88,3 +88,28 @@ def test_incompatible_adapters_are_refused_naming_the_problem(adapters):
     compiled = torch.compile(model, backend="eager")
     with pytest.raises(ValueError, match="before torch.compile"):
         peftkit.prepare_model_for_compiled_hotswap(compiled, target_rank=8)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "embed_tokens"]])
+def test_peft_saved_adapters_swap_as_in_peft(targets, tmp_path):
+    """Adapters saved by peft: peftkit's hotswap gives a fresh load's outputs and, where peft's own
+    hotswap runs, peft's. (peft 0.21's hotswap fails with a KeyError on the embedding matrix
+    peft saves beside an embedding adapter; peftkit copies it, as loading does.)"""
+    import peft
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+
+    folders = []
+    for seed, kwargs in ((1, dict(r=4, lora_alpha=8)), (2, dict(r=2, lora_alpha=16))):
+        model = peft.get_peft_model(llama(), peft.LoraConfig(target_modules=targets, **kwargs))
+        perturb_trainable(model, seed=seed, scale=0.3)
+        model.save_pretrained(str(tmp_path / str(seed)))
+        folders.append(str(tmp_path / str(seed)))
+    ours = peftkit.PeftModel.from_pretrained(llama(), folders[0]).eval()
+    before = _logits(ours)
+    peftkit.hotswap_adapter(ours, folders[1], "default")
+    fresh = _logits(peftkit.PeftModel.from_pretrained(llama(), folders[1]).eval())
+    assert (_logits(ours) - fresh).abs().max() <= 1e-5 < (before - fresh).abs().max()
+    if "embed_tokens" not in targets:
+        theirs = peft.PeftModel.from_pretrained(llama(), folders[0]).eval()
+        peft_hotswap(theirs, folders[1], "default", torch_device="cpu")
+        assert (_logits(ours) - _logits(theirs)).abs().max() <= 1e-5

@@ -203,6 +203,15 @@ def _plan(layers, adapter_name: str, state: dict, config: PeftConfig):
                                     f"{tuple(source.shape)}{hint}")
                     continue
             copies.append((target, source, dim))
+        base_key = prefix + "base_layer.weight"
+        if isinstance(layer, Embedding) and base_key in remaining:
+            # peft saves the whole embedding matrix beside an embedding adapter; loading copies it in
+            source = remaining.pop(base_key)
+            if source.shape != layer.base_layer.weight.shape:
+                problems.append(f"{base_key}: the model has shape {tuple(layer.base_layer.weight.shape)}, the new "
+                                f"adapter {tuple(source.shape)}")
+            else:
+                copies.append((layer.base_layer.weight.data, source.to(layer.base_layer.weight.device), None))
         if isinstance(layer, LoraLayer):
             r = _pattern_value(config.rank_pattern, path, config.r)
             alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
