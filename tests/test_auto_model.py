@@ -76,3 +76,14 @@ def test_wrong_class_and_bad_arguments_are_refused(tmp_path):
         peftkit.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, base_model_name_or_path=str(tmp_path / "nowhere"))
     with pytest.raises(TypeError, match="from_pretrained"):
         peftkit.AutoPeftModelForCausalLM()
+
+
+def test_quantization_config_reaches_the_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    _, adapter_dir = _saved(tmp_path, "causal")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    ours = peftkit.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, quantization_config=q)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, quantization_config=q)
+    assert type(ours.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    batch = inputs_for("llama")
+    assert (_out(ours, batch) - _out(theirs, batch)).abs().max() <= 1e-5
