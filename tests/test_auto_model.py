@@ -87,3 +87,20 @@ def test_quantization_config_reaches_the_base(tmp_path):
     assert type(ours.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     batch = inputs_for("llama")
     assert (_out(ours, batch) - _out(theirs, batch)).abs().max() <= 1e-5
+
+
+def test_adapter_without_task_type(tmp_path):
+    """peft refuses an adapter without task_type here; peftkit takes the class asked for, or
+    (AutoPeftModel) the class the base config names."""
+    llama().save_pretrained(str(tmp_path / "base"))
+    model = peftkit.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")),
+                                   peftkit.LoraConfig(r=4, target_modules=["q_proj"],
+                                                      base_model_name_or_path=str(tmp_path / "base")))
+    perturb_trainable(model, scale=0.2)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    batch = inputs_for("llama")
+    generic = peftkit.AutoPeftModel.from_pretrained(str(tmp_path / "adapter"))
+    causal = peftkit.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    assert type(generic.get_base_model()).__name__ == "LlamaForCausalLM"
+    assert torch.equal(_out(generic, batch), _out(causal, batch))
+    assert (_out(causal, batch) - _out(model.eval(), batch)).abs().max() <= 1e-6
