@@ -19,6 +19,7 @@ from peftkit.atomic_files import DiskFullError
 from peftkit.train import TrainConfig, list_checkpoints, train
 from peftkit.train.checkpoint_check import check_checkpoint
 from peftkit.train.checkpoint_folders import read_state
+from peftkit.train import run_lock
 from peftkit.train.run_lock import LOCK_FILE, OutputDirInUse, hold_output_dir
 
 ROWS = lm_rows(8, seed=5)
@@ -39,8 +40,11 @@ def tree(folder) -> dict[str, str]:
 @pytest.fixture
 def other_process_holding(tmp_path):
     """A second process that holds the output folder's lock until told to stop."""
-    code = "\n".join(["import sys", "from peftkit.train.run_lock import hold_output_dir",
-                      f"with hold_output_dir({str(tmp_path / 'run')!r}):",
+    # run_lock.py needs only the standard library: loaded alone, the other process starts at once.
+    code = "\n".join(["import importlib.util, sys",
+                      f"spec = importlib.util.spec_from_file_location('run_lock', {run_lock.__file__!r})",
+                      "run_lock = importlib.util.module_from_spec(spec)", "spec.loader.exec_module(run_lock)",
+                      f"with run_lock.hold_output_dir({str(tmp_path / 'run')!r}):",
                       "    print('locked', flush=True)", "    sys.stdin.read()"])
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
