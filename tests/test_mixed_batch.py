@@ -207,3 +207,30 @@ def test_benchmark_script_runs_and_both_sides_agree(tmp_path):
         for c in ("one adapter", "names: all a1", "names: a1/a2", "names: a1/a2/base")}
     assert all(r["s_per_forward"] > 0 and r["cpu_s_per_forward"] > 0 for r in result["rows"])
     assert max(result["max_abs_diff_to_peft"].values()) <= 1e-5
+
+
+def test_quantized_base_rows_as_in_peft(tmp_path):
+    """A bitsandbytes 4-bit base: the base layer runs once, each adapter on its rows; equal to peft."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    llama().save_pretrained(str(tmp_path / "base"))
+    for seed, targets in enumerate((["q_proj", "v_proj"], ["k_proj", "down_proj"])):
+        model = peftkit.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")),
+                                       peftkit.LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM",
+                                                          base_model_name_or_path=str(tmp_path / "base")))
+        perturb_trainable(model, seed=seed, scale=0.3)
+        model.save_pretrained(str(tmp_path / f"a{seed}"))
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    ours = peftkit.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a0"), quantization_config=q)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a0"), quantization_config=q)
+    for model in (ours, theirs):
+        model.load_adapter(str(tmp_path / "a1"), adapter_name="b")
+    batch = _batch()
+    names = ["b", "__base__", "default", "b"]
+    with torch.no_grad():
+        mixed = ours(**batch, adapter_names=names).logits
+        assert (mixed - theirs(**batch, adapter_names=names).logits).abs().max() <= 1e-5
+        ours.set_adapter("b")
+        alone = ours(**{k: v[:1] for k, v in batch.items()}).logits
+    assert (mixed[0] - alone[0]).abs().max() <= 1e-5
