@@ -22,8 +22,9 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
-# llama.cpp itself (built from source by llama-cpp-python: ~15 min on 2 cores) runs the GGUF
-# files `peftkit export` writes; kept out of `make test` and of the pinned constraints.
+# llama.cpp itself runs the GGUF files `peftkit export` writes (llama-cpp-python 0.3.36 builds it
+# from source: 36 min measured with one compile job at nice 19 on a busy 2-core machine); kept out
+# of `make test`'s installs and of the pinned constraints (the test skips without it).
 test-llama-cpp: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install llama-cpp-python
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/cli/test_llama_cpp.py -s
