@@ -243,8 +243,9 @@ def test_config_problems_are_found_before_the_model_is_touched(tmp_path, capsys)
     config = causal_config(tmp_path, str(tmp_path / "missing-model"), lr="fast")
     assert main(["train", config]) == 2
     assert "train.lr='fast': expected a number" in capsys.readouterr().err
-    assert main(["train", config, "train.lr=1e-3"]) == 1
-    assert f"cannot load a tokenizer from '{tmp_path / 'missing-model'}'" in capsys.readouterr().err
+    # A model folder that does not exist is a config problem too (issue 15), named before any loading.
+    assert main(["train", config, "train.lr=1e-3"]) == 2
+    assert f"model.path: folder '{tmp_path / 'missing-model'}' does not exist" in capsys.readouterr().err
 
 
 

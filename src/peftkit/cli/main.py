@@ -79,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lora-rank", type=int, metavar="N",
                    help="--check only: the server's max_lora_rank (default: its default, vLLM 16)")
 
-
     p = sub.add_parser("generate", help="generate text with an adapter (streams the reply)")
     p.add_argument("adapter", metavar="ADAPTER")
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    p.add_argument("--input", metavar="TEXT", dest="input_text",
+                   help="the 'input' field of an Alpaca-trained adapter (PROMPT is the instruction)")
     p.add_argument("--base", metavar="MODEL")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
@@ -115,8 +116,15 @@ def _train(args: argparse.Namespace) -> int:
     quickstart = args.quickstart or not items or ("=" in items[0] and not os.path.isfile(items[0]))
     path, overrides = (None, items) if quickstart else (items[0], items[1:])
     result = train_from_file(path, overrides, dry=args.dry_run, eval_before=not args.no_eval_before)
-    print(result.text())
+    if getattr(result, "is_main_process", True) and _is_main_process():  # torchrun: rank 0 prints
+        print(result.text())
     return 0
+
+
+def _is_main_process() -> bool:
+    from ..train.runtime import process_state
+
+    return process_state().is_main_process
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -163,7 +171,8 @@ def _generate(args: argparse.Namespace) -> int:
     from ..recipe import generate
 
     generate(args.adapter, args.prompt, max_new_tokens=args.max_new_tokens, base=args.base,
-             temperature=args.temperature, dtype=args.dtype, check_finite=not args.allow_nonfinite)
+             temperature=args.temperature, dtype=args.dtype, check_finite=not args.allow_nonfinite,
+             input_text=args.input_text)
     return 0
 
 
@@ -215,9 +224,12 @@ def _usage_errors() -> tuple[type, ...]:
     from ..config import ConfigError
     from ..data import DataError
     from ..recipe import ConfigFileError, RunConfigError
+    from ..recipe.inference import InputFieldError
+    from ..recipe.loading import ModelPathError
     from ..train import TrainConfigError
 
-    return (_UsageError, RunConfigError, ConfigFileError, ConfigError, DataError, TrainConfigError)
+    return (_UsageError, RunConfigError, ConfigFileError, ConfigError, DataError, TrainConfigError, ModelPathError,
+            InputFieldError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,11 +251,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.traceback or os.environ.get("PEFTKIT_TRACEBACK"):
             raise
-        usage = isinstance(exc, _usage_errors())
-        if not usage and not isinstance(exc, (ValueError, OSError, ImportError, NotImplementedError)):
-            raise  # a bug, not bad input: the traceback is what helps
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if usage else EXIT_PROBLEM
+        message, code = error_line(exc)
+        print(message, file=sys.stderr)
+        return code
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line `peftkit` prints for an error, and its exit status.
+
+    Config and command-line mistakes exit 2; anything else that stops a command exits 1. An
+    error peftkit did not expect (a bug, or a library failing deep inside) still gets one line,
+    with the hint to rerun with --traceback for the full one.
+    """
+    from ..recipe.memory import describe_out_of_memory, is_out_of_memory
+
+    if isinstance(exc, _usage_errors()):
+        return f"error: {_message(exc)}", EXIT_USAGE
+    if is_out_of_memory(exc):
+        return f"error: {describe_out_of_memory(exc)}", EXIT_PROBLEM
+    if isinstance(exc, (ValueError, OSError, ImportError, NotImplementedError)) or _is_peftkit_error(exc):
+        return f"error: {_message(exc)}", EXIT_PROBLEM
+    return (f"error: unexpected {type(exc).__name__}: {_message(exc)} (rerun with --traceback for the full "
+            "traceback, and please report it)"), EXIT_PROBLEM
+
+
+def _is_peftkit_error(exc: BaseException) -> bool:
+    """peftkit's own run-time errors (CheckpointError, NonFiniteLossError, ...) carry a complete message."""
+    return type(exc).__module__.split(".")[0] == "peftkit"
+
+
+def _message(exc: BaseException) -> str:
+    """The message of `exc` (its type when it has none). peftkit's messages are one line, except a
+    config's list of problems, one indented line each under the first."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError) and len(exc.args) == 1:  # str(KeyError) quotes its key only
+        text = f"{type(exc).__name__}: {exc.args[0]!r}"
+    return text
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from .formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, alpaca_pr
 from .packing import pack_lengths
 from .pipeline import DataStats, PreparedData, prepare_datasets
 from .preview import PreviewReport, preview, render_example, render_tagged
-from .tokenization import IGNORE_INDEX
+from .tokenization import IGNORE_INDEX, prompt_token_ids
 
 __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
@@ -36,6 +36,7 @@ __all__ = [
     "make_collator",
     "pack_lengths",
     "prepare_datasets",
+    "prompt_token_ids",
     "preview",
     "render_example",
     "render_tagged",

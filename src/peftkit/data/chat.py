@@ -22,14 +22,8 @@ def chat_texts(
     texts[0] is the whole conversation; then, per assistant message i, the conversation
     before it with the generation prompt and the conversation through it.
     """
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    if not getattr(tokenizer, "chat_template", None):
-        raise RowError(
-            "the tokenizer has no chat_template, which the 'messages' format needs; "
-            "set tokenizer.chat_template or use a prompt/completion format"
-        )
+    messages = _with_system(messages, system_prompt)
+    _require_template(tokenizer)
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
         raise RowError(f"conversation has no 'assistant' message (roles: {roles}); there is nothing to train on")
@@ -47,6 +41,28 @@ def chat_texts(
         _check_text_prefix(through, full, f"messages[:{i + 1}]", "the whole conversation")
         texts += [before, through]
     return texts, turns
+
+
+def generation_prompt_text(tokenizer: Any, messages: list[dict[str, Any]], system_prompt: str | None) -> str:
+    """The conversation so far rendered as training rendered the text before an assistant turn
+    (the system prompt added the same way, the generation prompt appended): what to generate from."""
+    _require_template(tokenizer)
+    return _render(tokenizer, _with_system(messages, system_prompt), add_generation_prompt=True)
+
+
+def _with_system(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def _require_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise RowError(
+            "the tokenizer has no chat_template, which the 'messages' format needs; "
+            "set tokenizer.chat_template or use a prompt/completion format"
+        )
 
 
 def chat_mask(encoded: list[list[int]], turns: list[int], train_on: str) -> tuple[list[int], list[bool]]:

@@ -162,6 +162,10 @@ def _load(source: Source, raw_cache_dir: str) -> datasets.Dataset:
             raise DataError(f"{source.path}: could not load the saved dataset: {exc}") from exc
         return _pick_split(loaded, source)
     builder = FILE_BUILDERS[_extension(source.path)]
+    if builder == "csv":  # checked first: datasets' CSV reader logs a traceback of its own for bad bytes
+        problem = not_utf8_error(source.path)
+        if problem is not None:
+            raise problem
     try:
         return datasets.load_dataset(builder, data_files=source.path, split="train", cache_dir=raw_cache_dir)
     except Exception as exc:  # pandas/arrow parse errors carry the detail; the file name is ours to add
@@ -232,6 +236,32 @@ def _check_json_rows(path: str, mapping: dict[str, str], task: str, requested_fo
 
 def _iter_json_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each row of a JSON Lines file or a JSON array file."""
+    try:
+        yield from _iter_json_rows_utf8(path)
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) or DataError(f"{path}: not valid UTF-8; data files must be UTF-8") from None
+
+
+def not_utf8_error(path: str) -> DataError | None:
+    """A DataError naming the line and byte offset of the first bytes of `path` that are not
+    UTF-8; None when the whole file decodes."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = line[exc.start:exc.end].hex(" ")
+                return DataError(
+                    f"{path}, line {line_number} (byte {offset + exc.start} of the file, column {exc.start + 1}): "
+                    f"not valid UTF-8 (bytes {bad}: {exc.reason}); data files must be UTF-8: re-save it as UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8)"
+                )
+            offset += len(line)
+    return None
+
+
+def _iter_json_rows_utf8(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8") as handle:
         first = ""
         for first in iter(lambda: handle.read(1), ""):

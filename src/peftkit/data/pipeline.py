@@ -86,10 +86,14 @@ class PreparedData:
             if stats is None:
                 continue
             s = stats
+            # What the loss is on: tokens (causal-lm, seq2seq; token-cls: the tagged sub-words),
+            # or one class per row (seq-cls, where no token is trained).
+            trained = (f"{s.examples} labelled rows, one class each" if self.task == "seq-cls"
+                       else f"{s.trained_tokens} trained")
             lines.append(
                 f"  {name}: {s.rows_read} rows read, {s.rows_dropped} dropped, {s.rows_truncated} truncated, "
                 f"{s.examples} examples in {s.sequences} sequences, "
-                f"{s.total_tokens} tokens ({s.trained_tokens} trained)"
+                f"{s.total_tokens} tokens ({trained})"
                 + (f", {s.rows_without_trained_tokens} with no trained token" if s.rows_without_trained_tokens else "")
             )
         if self.label_names is not None:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..config import IGNORE_INDEX
-from .chat import chat_mask, chat_texts
+from .chat import chat_mask, chat_texts, generation_prompt_text
 from .errors import DataError, RowError
 from .formats import alpaca_prompt, normalize_label, row_problem
 from .rows import TokenizedRow
 from .token_cls import check_fast_tokenizer, tokenize_word_rows
 
-__all__ = ["IGNORE_INDEX", "RowTokenizer", "TokenizedRow"]
+__all__ = ["IGNORE_INDEX", "RowTokenizer", "TokenizedRow", "prompt_token_ids"]
 
 class RowTokenizer:
     """Turns checked rows of one format into `TokenizedRow`s for one task.
@@ -159,9 +159,28 @@ class RowTokenizer:
         return TokenizedRow(input_ids, self.label_index[label], truncated=True)
 
     def _prompt_completion(self, row: dict[str, Any]) -> tuple[str, str]:
+        return self.prompt_text(row), row["output" if self.fmt == "alpaca" else "completion"]
+
+    def prompt_text(self, row: dict[str, Any]) -> str:
+        """The text a row of this format has before its response; `row` may lack the response
+        (no output / completion, messages ending with a user turn). What generation starts from."""
         if self.fmt == "alpaca":
-            return alpaca_prompt(row["instruction"], row.get("input"), self.system_prompt), row["output"]
-        return row["prompt"] or "", row["completion"]
+            return alpaca_prompt(row["instruction"], row.get("input"), self.system_prompt)
+        if self.fmt == "messages":
+            return generation_prompt_text(self.tokenizer, row["messages"], self.system_prompt)
+        if self.fmt == "text":
+            return row["text"]
+        return row["prompt"] or ""
+
+    def prompt_ids(self, row: dict[str, Any]) -> list[int]:
+        """The token ids a training row of this format has before its response (the same
+        encoding calls as `__call__`: special-token prefix, templates, no suffix)."""
+        text = self.prompt_text(row)
+        if self.task == "seq2seq":
+            return list(self._encode_many([text], True)[0])
+        if self.fmt == "messages":  # a rendered chat carries its own special tokens
+            return list(self._encode_many([text], False)[0])
+        return self.prefix_ids + list(self._encode_many([text], False)[0])
 
     def _fit(self, row: TokenizedRow) -> TokenizedRow:
         n = len(row.input_ids)
@@ -200,6 +219,15 @@ class _Pending:
     plain: list[str]
     special: list[str]
     finish: Callable[[list[list[int]], list[list[int]]], TokenizedRow]
+
+
+def prompt_token_ids(tokenizer: Any, task: str, fmt: str, row: dict[str, Any],
+                     system_prompt: str | None = None) -> tuple[str, list[int]]:
+    """(text, token ids) a model trained on rows of `fmt` saw before the response of `row`
+    (a row without its response), rendered by the same code that tokenized the training rows."""
+    rows = RowTokenizer(tokenizer, task, fmt, max_length=2**31 - 1, overflow="truncate", train_on="completion",
+                        add_eos=False, system_prompt=system_prompt)
+    return rows.prompt_text(row), rows.prompt_ids(row)
 
 
 def _special_prefix(tokenizer: Any) -> list[int]:

@@ -100,14 +100,66 @@ class Trainer(AdapterCheckpoints, transformers.Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        user_collator = kwargs.get("data_collator", args[2] if len(args) > 2 else None)
         super().__init__(*args, **kwargs)
         self._require_unsharded()
+        if user_collator is None:
+            # Trainer's default collator stacks rows as they are: tokenized rows of different
+            # lengths fail ("expected sequence of length 21 at dim 1 (got 23)"), and its
+            # tokenizer-padding one leaves the labels ragged. Such batches are padded here.
+            self.data_collator = RaggedRowsCollator(self.data_collator, padding_collator(self.model,
+                                                                                       self.processing_class))
         if self.label_smoother is not None and is_causal_lm(self.model.get_base_model()):
             # Trainer picks the label shift from the model's class name, which for a peftkit
             # wrapper is not a causal-LM name; without the shift each position would be
             # scored against its own token instead of the next one.
             self.label_smoother = _ShiftingLabelSmoother(self.label_smoother.epsilon,
                                                          self.label_smoother.ignore_index)
+
+
+class RaggedRowsCollator:
+    """Trainer's default collator for rows of equal length; `peftkit.data.make_collator`'s padding
+    (input_ids with the pad id, labels with -100, an attention_mask) when the rows' lengths differ."""
+
+    def __init__(self, default: Any, padding: Any) -> None:
+        self.default, self.padding = default, padding
+
+    def __call__(self, rows: list[Any]) -> dict[str, Any]:
+        return self.padding(rows) if _ragged(rows) else self.default(rows)
+
+
+def _ragged(rows: list[Any]) -> bool:
+    lengths = set()
+    for row in rows:
+        if not isinstance(row, dict):
+            return False
+        for key in ("input_ids", "labels", "attention_mask"):
+            value = row.get(key)
+            if isinstance(value, (list, tuple, torch.Tensor)):
+                lengths.add((key, len(value)))
+    keys = [key for key, _ in lengths]
+    return len(keys) != len(set(keys))
+
+
+def padding_collator(model: nn.Module, tokenizer: Any | None) -> Any:
+    """`peftkit.data.make_collator` for the adapter's task, padding with the tokenizer's pad id
+    (else the model config's pad / EOS id; padded positions are masked from attention and loss)."""
+    from ..data import DataCollator, make_collator
+    from ..data.tasks import task_of_task_type
+
+    peft_model = model if isinstance(model, PeftModel) else None
+    task_type = peft_model.peft_config[peft_model.active_adapter].task_type if peft_model is not None else None
+    task = task_of_task_type(task_type) or "causal-lm"
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+    if getattr(tokenizer, "pad_token_id", None) is not None or getattr(tokenizer, "eos_token_id", None) is not None:
+        return make_collator(tokenizer, task)
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    return DataCollator(pad if isinstance(pad, int) else 0, task=task)
 
 
 def _require_peft_model(model: nn.Module, trainer: str = "Trainer", stock: str = "transformers.Trainer") -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data import IGNORE_INDEX, DataConfig, alpaca_prompt, prepare_datasets
+from ..data import IGNORE_INDEX, DataConfig, prepare_datasets, prompt_token_ids
 from ..train import TrainConfig
 from .loading import LoadedAdapter, LoadError, load_adapter
 from .run import RUN_PACKED_ATTENTION, TaskHooks, evaluate_prepared, format_metrics
@@ -30,32 +31,57 @@ def _trained_format(loaded: LoadedAdapter) -> tuple[str | None, str | None]:
     return fmt, system
 
 
-def render_prompt(loaded: LoadedAdapter, prompt: str) -> tuple[str, bool]:
-    """(text, add_special_tokens): the prompt as the model saw prompts in training.
+def render_prompt(loaded: LoadedAdapter, prompt: str, input_text: str | None = None) -> tuple[str, bool]:
+    """(text, add_special_tokens): the prompt as the model saw prompts in training (the text of
+    `prompt_ids`; add_special_tokens: whether the tokenizer's own prefix, e.g. BOS, precedes it)."""
+    fmt, _ = _trained_format(loaded)
+    text, _ = prompt_ids(loaded, prompt, input_text)
+    return text, _prompt_format(loaded, fmt) != "messages"
 
-    alpaca-trained adapters get the Alpaca template; chat-trained ones (or, when the format is
-    unknown, any tokenizer with a chat template) get the chat template with a generation prompt;
-    otherwise the prompt is used as is.
+
+def prompt_ids(loaded: LoadedAdapter, prompt: str, input_text: str | None = None) -> tuple[str, list[int]]:
+    """(text, token ids) the adapter's training rows had before their response, for `prompt`
+    (and the Alpaca `input` field), rendered by the data pipeline's own code
+    (`peftkit.data.prompt_token_ids`): the Alpaca template, the chat template with a generation
+    prompt, or the prompt as is, with the same special tokens as in training.
+
+    When the trained format is unknown (no run_config.yaml / summary.json), a tokenizer with a
+    chat template gets it, otherwise the prompt is used as plain text.
     """
-    tokenizer = loaded.tokenizer
     fmt, system = _trained_format(loaded)
-    if fmt == "alpaca":
-        return alpaca_prompt(prompt, None, system), True
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if fmt == "messages" or (fmt is None and has_template):
-        if not has_template:
-            raise LoadError(f"the adapter was trained on chat messages but the tokenizer in {loaded.adapter_dir} "
-                            "has no chat_template")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        # The data pipeline tokenizes rendered chats without adding special tokens; match it.
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
-    return prompt, True
+    fmt = _prompt_format(loaded, fmt)
+    if input_text is not None and fmt != "alpaca":
+        raise InputFieldError(f"--input is the 'input' field of Alpaca rows; {loaded.adapter_dir} was trained on "
+                              f"{fmt or 'unknown'} rows: put everything in PROMPT")
+    if fmt == "messages" and not getattr(loaded.tokenizer, "chat_template", None):
+        raise LoadError(f"the adapter was trained on chat messages but the tokenizer in {loaded.adapter_dir} "
+                        "has no chat_template")
+    row = {
+        "alpaca": {"instruction": prompt, "input": input_text},
+        "messages": {"messages": [{"role": "user", "content": prompt}]},
+        "prompt_completion": {"prompt": prompt},
+        "text": {"text": prompt},
+    }[fmt]
+    return prompt_token_ids(loaded.tokenizer, loaded.task, fmt, row, system)
+
+
+class InputFieldError(ValueError):
+    """--input given for an adapter not trained on Alpaca rows."""
+
+
+def _prompt_format(loaded: LoadedAdapter, fmt: str | None) -> str:
+    if fmt in ("alpaca", "messages", "prompt_completion", "text"):
+        return fmt if not (loaded.task == "seq2seq" and fmt in ("messages", "text")) else "prompt_completion"
+    return "messages" if getattr(loaded.tokenizer, "chat_template", None) and loaded.task != "seq2seq" else "text"
 
 
 def generate(adapter_dir: str, prompt: str, *, max_new_tokens: int = 128, base: str | None = None,
-             temperature: float = 0.0, stream: bool = True, dtype: str = "auto", check_finite: bool = True) -> str:
+             temperature: float = 0.0, stream: bool = True, dtype: str = "auto", check_finite: bool = True,
+             input_text: str | None = None) -> str:
     """Generate a reply to `prompt` with the adapter on its base model; streams it to stdout
-    (transformers' TextStreamer) when `stream`. Greedy unless temperature > 0. Returns the new text."""
+    (transformers' TextStreamer) when `stream`, with a note on stderr when the reply is empty.
+    Greedy unless temperature > 0. `input_text`: the `input` field of an Alpaca-trained adapter.
+    The prompt is rendered as the training rows were (`prompt_ids`). Returns the new text."""
     from transformers import TextStreamer
 
     problems = []
@@ -72,12 +98,14 @@ def generate(adapter_dir: str, prompt: str, *, max_new_tokens: int = 128, base: 
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise LoadError(f"no tokenizer in {adapter_dir} or {loaded.base_path}; generate needs one")
-    text, special = render_prompt(loaded, prompt)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special)
+    _, ids = prompt_ids(loaded, prompt, input_text)
     if torch.cuda.is_available():
         loaded.model.to("cuda")
     device = next(loaded.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    # input_ids and attention_mask only, as the training batches had: a BERT-style tokenizer's
+    # token_type_ids would be refused by generate() for a model whose forward does not take them.
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         options["temperature"] = float(temperature)
@@ -88,7 +116,22 @@ def generate(adapter_dir: str, prompt: str, *, max_new_tokens: int = 128, base: 
     with torch.no_grad():
         output = loaded.model.generate(**inputs, streamer=streamer, **options)
     new = output[0] if loaded.task == "seq2seq" else output[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    reply = tokenizer.decode(new, skip_special_tokens=True)
+    if stream and not reply.strip():
+        print(empty_reply_note(tokenizer, new.tolist()), file=sys.stderr)
+    return reply
+
+
+def empty_reply_note(tokenizer: Any, new_ids: list[int]) -> str:
+    """Why a reply printed nothing: the model ended at once, or wrote only special tokens / spaces."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    eos = tokenizer.eos_token_id
+    content = [i for i in new_ids if i not in special]
+    if not content and eos in new_ids:
+        return "(empty reply: the model produced only end-of-sequence)"
+    if not content:
+        return f"(empty reply: the model produced only special tokens: {new_ids[:8]})"
+    return f"(empty reply: the model produced only whitespace: {tokenizer.decode(content)!r})"
 
 
 @dataclass

@@ -16,7 +16,8 @@ from ..methods import get_method
 from ..methods.base import AdapterLayer, ModulesToSaveWrapper
 from ..model import get_peft_model
 from ..targeting import is_conv1d
-from .loading import LoadError, adapter_config, meta_model, model_task
+from .loading import LoadError, adapter_config, check_model_path, meta_model, model_task
+from .quantization import base_memory
 from .schema import ModelConfig, RunConfig, load_run_config
 
 
@@ -33,6 +34,7 @@ class ModuleGroup:
     shapes: list[str]  # distinct shapes, in model order ("in->out" for linear layers)
     params: int  # all modules of the group together
     matched: int = 0
+    quantized: int = 0  # with model.quantization: modules of the group that load quantized
 
 
 @dataclass
@@ -50,6 +52,7 @@ class InspectReport:
     matched_paths: list[str] = field(default_factory=list)
     trainable_params: int | None = None
     error: str | None = None  # the config selects nothing / something it cannot adapt
+    quantization: str | None = None  # with model.quantization: what loads quantized, and the sizes
 
     @property
     def ok(self) -> bool:
@@ -66,6 +69,7 @@ class InspectReport:
         shape_width = max([len(", ".join(g.shapes)) for g in self.groups] + [4])
         for g in self.groups:
             mark = f"   <- matched {g.matched}" if g.matched else ""
+            mark += f"   [quantized {g.quantized}]" if g.quantized else ""
             lines.append(f"  {g.name:<{width}}  {kinds[g.name]:<{kind_width}}  x{g.count:<4} "
                          f"{', '.join(g.shapes):<{shape_width}} {g.params:>13,} params{mark}")
         if self.default_targets:
@@ -73,6 +77,8 @@ class InspectReport:
         if self.config_source is None:
             return "\n".join(lines)
         lines.append(f"config {self.config_source}: {self.method}, target_modules {self.target_modules!r}")
+        if self.quantization:
+            lines.append(f"  {self.quantization}")
         if self.error:
             lines.append(f"  error: {self.error}")
             return "\n".join(lines)
@@ -92,6 +98,7 @@ class InspectReport:
 def inspect_model(model: str, config_path: str | None = None, overrides: list[str] = (),
                   task: str | None = None) -> InspectReport:
     """Module table of `model` (folder or hub id); with a run config, what its adapter selects."""
+    check_model_path(model, "MODEL")
     config: RunConfig | None = None
     if config_path is not None:
         def use_model(raw: dict) -> None:
@@ -113,6 +120,8 @@ def inspect_model(model: str, config_path: str | None = None, overrides: list[st
     if config is None:
         return report
     report.config_source, report.method = config_path, config.method
+    if config.model.quantization is not None:
+        report.quantization = _mark_quantized(base, groups, config)
     try:
         with torch.device("meta"):  # adapter tensors too: moving CPU tensors into meta parameters fails
             adapted = get_peft_model(base, adapter_config(config))
@@ -130,6 +139,26 @@ def inspect_model(model: str, config_path: str | None = None, overrides: list[st
                 group.matched += 1
     report.trainable_params, _ = adapted.get_nb_trainable_parameters()
     return report
+
+
+def _mark_quantized(base: nn.Module, groups: list[ModuleGroup], config: RunConfig) -> str:
+    """Count, per group, the layers `model.quantization` loads quantized (every nn.Linear but the
+    output head, as transformers and `quantize_nf4` choose); the summary line."""
+    q = config.model.quantization_config
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    by_name = {g.name: g for g in groups}
+    count = 0
+    for path, module in base.named_modules():
+        if type(module) is nn.Linear and module is not head:
+            count += 1
+            group = by_name.get(path.rsplit(".", 1)[-1])
+            if group is not None:
+                group.quantized += 1
+    element = {"bf16": 2, "fp16": 2}.get(config.model.dtype, 4)
+    plain, quantized = base_memory(base, q, element)
+    kind = f"{q.bits}-bit" + (f" {q.type}" if q.bits == 4 else "") + f" ({q.backend})"
+    return (f"quantization: {count} linear layers load {kind}; base weights {quantized / 2**20:,.1f} MiB "
+            f"instead of {plain / 2**20:,.1f} MiB")
 
 
 def _guess_task(path: str) -> str:

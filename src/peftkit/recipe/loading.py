@@ -15,6 +15,7 @@ import torch
 
 from ..config import PeftConfig
 from ..data.tasks import accepted_task_types, task_of_class_names, task_of_task_type, task_type_of
+from .quantization import load_quantized_model
 from .schema import ModelConfig, RunConfig
 
 LABELS_FILE = "labels.json"
@@ -28,6 +29,20 @@ CLASSIFIER_TASKS = ("seq-cls", "token-cls")
 
 class LoadError(ValueError):
     """A model, tokenizer or adapter folder that cannot be loaded; says what was tried."""
+
+
+class ModelPathError(LoadError):
+    """A model path that names no model: a missing folder, a folder without config.json, or a
+    hub id that cannot be downloaded offline (a usage error: the path given is wrong)."""
+
+
+def check_model_path(path: str, what: str, error: type[LoadError] = ModelPathError) -> None:
+    """Raise `error` naming `what` (e.g. "--base") when `path` cannot be a model."""
+    from .schema import model_path_problem
+
+    problem = model_path_problem(path)
+    if problem:
+        raise error(f"{what}: {problem}")
 
 
 def auto_class(task: str) -> Any:
@@ -76,6 +91,11 @@ def load_model(model: ModelConfig, labels: list[str] | None = None) -> torch.nn.
     try:
         # A classifier head is new by design; transformers' "newly initialized" report would only alarm.
         with _quiet_transformers(model.task in CLASSIFIER_TASKS):
+            if model.quantization is not None:
+                dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+                dtype = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16  # "auto" on a GPU
+                return load_quantized_model(model.path, model.quantization_config, model_class=auto_class(model.task),
+                                            dtype=dtype, **kwargs)
             return auto_class(model.task).from_pretrained(model.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoadError(f"cannot load a {model.task} model from {model.path!r} (model.path): {exc}") from None
@@ -175,19 +195,31 @@ def load_adapter(adapter_dir: str, base: str | None = None, dtype: str = "auto",
     base_path = base or peft_config.base_model_name_or_path
     if not base_path:
         raise LoadError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; pass --base MODEL")
+    if base:
+        check_model_path(base, "--base")
+    else:  # the path recorded in the adapter's folder, not one the user typed: a run failure
+        check_model_path(base_path, f"the base model of {adapter_dir} (base_model_name_or_path in "
+                         "adapter_config.json; pass --base MODEL to use another)", LoadError)
     task = model_task(peft_config, base_path)
     labels = read_labels(adapter_dir, task)
-    model_config = ModelConfig(path=base_path, task=task, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = load_model(model_config, labels)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir, check_finite=check_finite)
-    peft_model.eval()
-    tokenizer = _adapter_tokenizer(adapter_dir, base_path, trust_remote_code)
     run_config = None
     path = os.path.join(adapter_dir, RUN_CONFIG_FILE)
     if os.path.isfile(path):
         from .yamlio import load_yaml_file
 
         run_config = load_yaml_file(path)
+    # An adapter trained on a quantized base is used on that base, quantized the same way: it
+    # learned to correct those weights (merge then dequantizes them: PeftModel.merge_and_unload).
+    model_section = (run_config or {}).get("model") if isinstance(run_config, dict) else None
+    quantization = model_section.get("quantization") if isinstance(model_section, dict) else None
+    model_config = ModelConfig(path=base_path, task=task, dtype=dtype, trust_remote_code=trust_remote_code,
+                               quantization=quantization)
+    if quantization is not None and (problems := model_config.problems()):
+        raise LoadError(f"{path}: " + "; ".join(problems))
+    model = load_model(model_config, labels)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, check_finite=check_finite)
+    peft_model.eval()
+    tokenizer = _adapter_tokenizer(adapter_dir, base_path, trust_remote_code)
     return LoadedAdapter(peft_model, tokenizer, task, base_path, adapter_dir, labels, run_config)
 
 

@@ -23,6 +23,9 @@ from ..train.data import DataPlan
 from ..train.run_lock import hold_output_dir
 from ..train.runtime import make_accelerator, process_state
 from .loading import RUN_CONFIG_FILE, adapter_config, load_model, load_tokenizer, meta_model, write_labels
+from .memory import (DTYPE_BYTES, MemoryEstimate, RunOutOfMemory, describe_out_of_memory, estimate_training_memory,
+                     is_out_of_memory)
+from .quantization import base_memory
 from .schema import RunConfig
 from .seq2seq import seq2seq_collate, seq2seq_loss
 
@@ -61,10 +64,15 @@ class RunResult:
     train: TrainResult
     wall_time_s: float
     cpu_time_s: float
+    is_main_process: bool = True
+    resume_command: str | None = None  # the command line that continues this run, when it stopped early
 
     def text(self) -> str:
         lines = [f"done in {self.wall_time_s:.0f} s (CPU time {self.cpu_time_s:.0f} s), "
                  f"{self.train.global_step} optimizer steps ({self.train.stopped_reason})"]
+        if self.train.stopped_reason in ("signal", "callback") and self.train.last_checkpoint:
+            how = f": {self.resume_command}" if self.resume_command else " with train.resume_from=latest"
+            lines.append(f"stopped early; checkpoint {self.train.last_checkpoint} saved; resume{how}")
         if self.eval_after:
             lines.append(f"eval: {metrics_change(self.eval_before, self.eval_after)}")
         files = [name for name in ("adapter_model.safetensors", "metrics.jsonl", "loss_curve.png", "summary.json",
@@ -83,12 +91,53 @@ def run_training(config: RunConfig, *, eval_before: bool = True, log: Log = prin
     accelerator = make_accelerator(config.train)
     # Owned before anything is loaded: a second run into this folder fails at once, not after
     # loading its model, and this run's tokenizer and run_config.yaml are written under the lock.
+    if not accelerator.is_main_process:  # under torchrun every rank runs this; rank 0 speaks
+        def log(_: str) -> None:
+            return None
+    tracker = _StepTracker()
     with hold_output_dir(config.train.output_dir, accelerator.is_main_process):
-        return _run_training(config, accelerator, eval_before, log, wall0, cpu0)
+        try:
+            return _run_training(config, accelerator, tracker, eval_before, log, wall0, cpu0)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or isinstance(exc, RunOutOfMemory):
+                raise
+            raise RunOutOfMemory(tracker.out_of_memory_message(exc, config)) from exc
 
 
-def _run_training(config: RunConfig, accelerator: Any, eval_before: bool, log: Log, wall0: float,
-                  cpu0: float) -> RunResult:
+class _StepTracker:
+    """Where a run is (phase, last finished step, last batch shape), for an out-of-memory message."""
+
+    def __init__(self) -> None:
+        self.phase, self.step, self.shape = "loading", 0, None
+
+    def collate(self, collate: Callable) -> Callable:
+        def tracked(rows: Any) -> Any:
+            batch = collate(rows)
+            ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+            self.shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else self.shape
+            return batch
+
+        return tracked
+
+    def on_step_end(self, info: Any) -> None:
+        self.phase, self.step = "training", info.step
+
+    def out_of_memory_message(self, exc: BaseException, config: RunConfig) -> str:
+        from ..train.checkpoint import find_latest_checkpoint
+
+        where = {"loading": "while loading the model",
+                 "eval": "in the eval before training",
+                 "training": f"at optimizer step {self.step + 1}"}[self.phase]
+        if self.shape is not None:
+            where += f" (batch of {' x '.join(str(d) for d in self.shape)} tokens)"
+        latest = find_latest_checkpoint(config.train.output_dir)
+        kept = (f"; the last checkpoint, {latest}, is intact (resume with train.resume_from=latest)" if latest
+                else "; no checkpoint was written")
+        return describe_out_of_memory(exc, where) + kept
+
+
+def _run_training(config: RunConfig, accelerator: Any, tracker: _StepTracker, eval_before: bool, log: Log,
+                  wall0: float, cpu0: float) -> RunResult:
     from accelerate.utils import set_seed
 
     tokenizer = load_tokenizer(config.model)
@@ -104,9 +153,11 @@ def _run_training(config: RunConfig, accelerator: Any, eval_before: bool, log: L
     log(f"model: {config.model.path} ({config.task}), {config.method} adapter: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     hooks = task_hooks(config, data)
+    hooks = dataclasses.replace(hooks, collate=tracker.collate(hooks.collate))
 
     before = None
     if eval_before and data.eval is not None:
+        tracker.phase = "eval"
         before = evaluate_prepared(model, data.eval, hooks, accelerator)
         log(f"eval before training: {format_metrics(before)}")
     times: dict[str, float] = {}
@@ -121,15 +172,18 @@ def _run_training(config: RunConfig, accelerator: Any, eval_before: bool, log: L
             "adapter": {"method": config.method, "trainable_params": trainable, "total_params": total},
         }
 
+    tracker.phase = "training"
     result = train(model, data.train, data.eval, hooks.train_config, hooks.collate, loss_fn=hooks.loss_fn,
-                   accelerator=accelerator, eval_before=before, summary_extra=summary_extra)
+                   accelerator=accelerator, eval_before=before, summary_extra=summary_extra,
+                   on_step_end=tracker.on_step_end)
     out = Path(result.output_dir)
     if accelerator.is_main_process:  # what `generate`, `eval` and `merge` read beside the adapter
         tokenizer.save_pretrained(str(out))
         if data.label_names is not None:
             write_labels(str(out), data.label_names)
         atomic_write_text(str(out / RUN_CONFIG_FILE), config.to_yaml())
-    return RunResult(out, config.task, before, result.eval_metrics or None, result, times["wall"], times["cpu"])
+    return RunResult(out, config.task, before, result.eval_metrics or None, result, times["wall"], times["cpu"],
+                     is_main_process=accelerator.is_main_process)
 
 
 def _check_trained_tokens(data: PreparedData) -> None:
@@ -210,20 +264,37 @@ class DryRunReport:
     trainable_params: int
     total_params: int
     adapted_modules: int
+    memory: MemoryEstimate | None = None
+    base_weight_bytes: tuple[int, int] | None = None  # (unquantized, quantized) with model.quantization
 
     def text(self) -> str:
         t = self.config.train
         lines = ["# resolved config", self.config.to_yaml().rstrip(), "", "# derived (no weights loaded)",
                  self.data.summary()]
-        lines.append(f"rows per step: {self.rows_per_step} (micro_batch_size {t.micro_batch_size} x grad_accum "
+        # A packed dataset row is a sequence of several examples; a step consumes those sequences.
+        unit = "packed sequences" if self.data.packed else "rows"
+        lines.append(f"{unit} per step: {self.rows_per_step} (micro_batch_size {t.micro_batch_size} x grad_accum "
                      f"{t.grad_accum} x {self.num_processes} process{'es' if self.num_processes != 1 else ''})")
         lines.append(f"tokens per step: {self.mean_tokens_per_step:,.0f} on average (padding excluded), "
                      f"at most {self.max_tokens_per_step:,}")
+        if self.config.task == "seq-cls":  # a classifier trains on one label per row, not on tokens
+            lines.append(f"trained per step: {self.rows_per_step} labels (one class per row)")
+        elif self.config.task == "token-cls":
+            per_row = self.data.stats.trained_tokens / max(self.data.stats.sequences, 1)
+            lines.append(f"trained per step: {per_row * self.rows_per_step:,.0f} tagged tokens on average")
         how = f"max_steps {t.max_steps}" if t.max_steps else f"{t.epochs} epoch{'s' if t.epochs != 1 else ''}"
         lines.append(f"steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total ({how})")
         share = 100 * self.trainable_params / max(self.total_params, 1)
         lines.append(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%), "
                      f"{self.config.method} on {self.adapted_modules} modules")
+        if self.base_weight_bytes is not None:
+            plain, quantized = self.base_weight_bytes
+            q = self.config.model.quantization_config
+            kind = f"{q.bits}-bit" + (f" {q.type}" if q.bits == 4 else "") + f", {q.backend}"
+            lines.append(f"base weights: {quantized / 2**20:,.0f} MiB quantized ({kind}) instead of "
+                         f"{plain / 2**20:,.0f} MiB ({quantized / max(plain, 1):.2f}x)")
+        if self.memory is not None:
+            lines += self.memory.lines()
         return "\n".join(lines)
 
 
@@ -243,6 +314,9 @@ def dry_run(config: RunConfig) -> DryRunReport:
     if getattr(adapter, "init_lora_weights", True) not in (True, False, "gaussian"):
         adapter.init_lora_weights = True  # SVD-based inits cannot run on meta tensors; counts are the same
     base = meta_model(config.model, data.label_names)
+    quantization = config.model.quantization_config
+    base_weight_bytes = None if quantization is None else base_memory(
+        base, quantization, DTYPE_BYTES[_loaded_dtype(config, base)])
     with torch.device("meta"):  # adapter tensors too: moving CPU tensors into meta parameters fails
         model = get_peft_model(base, adapter)
     trainable, total = model.get_nb_trainable_parameters()
@@ -252,7 +326,44 @@ def dry_run(config: RunConfig) -> DryRunReport:
         steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps,
         mean_tokens_per_step=mean_len * plan.window_size, max_tokens_per_step=plan.window_size * config.data.max_length,
         trainable_params=trainable, total_params=total, adapted_modules=adapted,
+        memory=_memory_estimate(config, model, data), base_weight_bytes=base_weight_bytes,
     )
+
+
+def _memory_estimate(config: RunConfig, model: torch.nn.Module, data: PreparedData) -> MemoryEstimate:
+    """The peak of one step at the largest micro batch: micro_batch_size rows (at most the
+    data's) padded to the longest sequence of the training data."""
+    rows = max(1, min(config.train.micro_batch_size, len(data.train)))
+    seq_len = max(1, longest_sequence(data.train))
+    on_gpu = torch.cuda.is_available()
+    weight_bytes = DTYPE_BYTES[_loaded_dtype(config, model)]
+    precision = config.train.precision
+    mixed = precision in ("bf16", "fp16") or (precision == "auto" and on_gpu)
+    return estimate_training_memory(model, config.task, rows, seq_len, weight_bytes=weight_bytes,
+                                    activation_bytes=2 if mixed else weight_bytes,
+                                    gradient_checkpointing=bool(config.train.gradient_checkpointing))
+
+
+def _loaded_dtype(config: RunConfig, model: torch.nn.Module) -> str:
+    """model.dtype as loading resolves it: auto is fp32 on CPU, the checkpoint's dtype on a GPU."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    if not torch.cuda.is_available():
+        return "fp32"
+    saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(saved, "fp32")
+
+
+def longest_sequence(rows: Any) -> int:
+    """The most input tokens of any row (a packed row: its whole sequence)."""
+    if hasattr(rows, "with_format"):  # a datasets.Dataset: read the lengths without decoding the rows
+        import pyarrow.compute as pc
+
+        table = rows.with_format("arrow")[:]
+        lengths = pc.list_value_length(table.column("input_ids"))
+        longest = pc.max(lengths).as_py()
+        return int(longest or 0)
+    return max((len(row["input_ids"]) for row in rows), default=0)
 
 
 # --- entry points of the command line ----------------------------------------------------------
@@ -272,7 +383,18 @@ def train_from_file(path: str | None, overrides: list[str] = (), *, dry: bool = 
         if threads is not None:
             log(f"quickstart: {threads} CPU thread{'s' if threads != 1 else ''} (idle cores; set OMP_NUM_THREADS "
                 "to choose)")
-    return run_training(config, eval_before=eval_before, log=log)
+    result = run_training(config, eval_before=eval_before, log=log)
+    result.resume_command = resume_command(path, overrides)
+    return result
+
+
+def resume_command(path: str | None, overrides: list[str] = ()) -> str:
+    """The `peftkit train` command line that continues a run from its latest checkpoint."""
+    import shlex
+
+    kept = [item for item in overrides if not item.split("=", 1)[0].strip() in ("train.resume_from",)]
+    head = ["peftkit", "train"] + (["--quickstart"] if path is None else [path])
+    return shlex.join(head + kept + ["train.resume_from=latest"])
 
 
 def preview_file(path: str, overrides: list[str] = (), n: int = 3, split: str = "train",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from ..data.tasks import TASKS, task_type_of
 from ..methods import all_methods
 from ..train import TrainConfig, TrainConfigError
 from ..train.config import LOOP_TASKS
+from .quantization import QuantizationConfig
 from .yamlio import apply_overrides, dump_yaml, load_yaml_file
 
 SECTIONS = ("model", "adapter", "data", "train")
@@ -57,6 +59,8 @@ class ModelConfig:
     dtype:             weights' dtype: auto (fp32 on CPU, the checkpoint's dtype on a GPU), fp32, bf16, fp16.
     trust_remote_code: allow the model folder's own Python code (transformers' flag).
     tokenizer:         a tokenizer folder or hub id when it is not next to the model (default: path).
+    quantization:      load the linear layers in 4 or 8 bits (QLoRA): bits, type, double_quant,
+                       compute_dtype, backend, block_size (`recipe.quantization.QuantizationConfig`).
     """
 
     path: str | None = None
@@ -64,6 +68,11 @@ class ModelConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     tokenizer: str | None = None
+    quantization: dict | None = None
+
+    @property
+    def quantization_config(self) -> QuantizationConfig | None:
+        return None if self.quantization is None else QuantizationConfig.from_dict(self.quantization)[0]
 
     def problems(self) -> list[str]:
         out = []
@@ -71,6 +80,12 @@ class ModelConfig:
             out.append("model.path: not set; give a local model folder or a hub id")
         elif not isinstance(self.path, str):
             out.append(f"model.path: {self.path!r} is not a folder path or hub id (a string)")
+        else:
+            problem = model_path_problem(self.path)
+            out += [f"model.path: {problem}"] if problem else []
+        if isinstance(self.tokenizer, str) and self.tokenizer:
+            problem = model_path_problem(self.tokenizer, need_config=False)
+            out += [f"model.tokenizer: {problem}"] if problem else []
         if self.task not in MODEL_TASKS:
             out.append(f"model.task: {self.task!r} is not accepted; accepted: {', '.join(MODEL_TASKS)}")
         if self.dtype not in DTYPES:
@@ -80,7 +95,52 @@ class ModelConfig:
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer):
             out.append(f"model.tokenizer: {self.tokenizer!r} is not a folder or hub id; "
                        "leave it unset to use model.path")
+        if self.quantization is not None:
+            out += QuantizationConfig.from_dict(self.quantization)[1]
         return out
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A path that cannot be a hub id ("name" or "namespace/name"), so it must exist here."""
+    return (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+            or (os.sep == "\\" and "\\" in path))
+
+
+def offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def model_path_problem(path: str, need_config: bool = True) -> str | None:
+    """Why `path` cannot be a model (or, without `need_config`, a tokenizer) folder or hub id;
+    None when it may be one. Checked before anything is loaded, so the message names the folder
+    instead of the loader's guess ("Repo id must be ...", a sentencepiece error)."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        if need_config and not os.path.isfile(os.path.join(expanded, "config.json")):
+            present = sorted(os.listdir(expanded))
+            shown = ", ".join(present[:8]) + (", ..." if len(present) > 8 else "") if present else "nothing"
+            return (f"{path!r} is not a transformers model folder: it has no config.json (it holds {shown}); "
+                    "point it at the folder that save_pretrained wrote")
+        return None
+    if os.path.exists(expanded):
+        return f"{path!r} is a file; give the model folder (holding config.json), or a hub id"
+    if looks_like_local_path(path):
+        return f"folder {path!r} does not exist (and it is not a hub id of the form 'name' or 'namespace/name')"
+    if offline() and not _in_hub_cache(path):
+        return (f"{path!r} is not a local folder, and as a hub id it cannot be downloaded: HF_HUB_OFFLINE is set. "
+                "Give a local model folder, or unset HF_HUB_OFFLINE to download it")
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str) or isinstance(
+            try_to_load_from_cache(repo_id, "tokenizer_config.json"), str)
+    except Exception:  # not a valid repo id for the cache either
+        return False
 
 
 @dataclass
@@ -218,6 +278,10 @@ def _build_train(values: dict[str, Any], problems: list[str]) -> TrainConfig:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     problems += [_unknown_key("train", key, names) for key in values if key not in names]
     known = {k: v for k, v in values.items() if k in names}
+    resume = known.get("resume_from")
+    if isinstance(resume, str) and resume not in ("latest", "") and not os.path.exists(os.path.expanduser(resume)):
+        problems.append(f"train.resume_from: checkpoint folder {resume!r} does not exist; give a checkpoint-N "
+                        "folder of an earlier run, or latest (the newest checkpoint in train.output_dir)")
     try:
         return TrainConfig.from_dict(known)
     except TrainConfigError as exc:
@@ -253,11 +317,40 @@ def _build_adapter(values: dict[str, Any], model: ModelConfig, problems: list[st
             problems.append(_unknown_key("adapter", key, fields + ["method"], f"{config_cls.__name__} fields"))
     kwargs = {k: v for k, v in values.items() if k in fields}
     kwargs["task_type"] = task_type_of(model.task) if model.task in TASKS else None
-    value_problems = _unvalidated_problems(config_cls, kwargs)
+    value_problems = _module_name_problems(kwargs) or _unvalidated_problems(config_cls, kwargs)
     if value_problems:
         problems += [f"adapter.{p}" for p in value_problems]
         return method, LoraConfig()  # a placeholder: the caller raises with the problems
     return method, config_cls(**kwargs)
+
+
+# Adapter fields that select modules by name: a list of names, or one full-match regex.
+MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "modules_to_save", "feedforward_modules")
+
+
+def _module_name_problems(kwargs: dict[str, Any]) -> list[str]:
+    """Module selectors must be strings (a number would silently match a layer index such as
+    `layers.1`), and a regex string must compile."""
+    out = []
+    for name in MODULE_NAME_FIELDS:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if not isinstance(v, str) or not v]
+            if bad:
+                out.append(f"{name}: entries {bad!r} are not module names; {name} entries must be strings "
+                           "(last names such as q_proj, or full module paths)")
+        elif not isinstance(value, str):
+            out.append(f"{name}: {value!r} is not accepted; give a list of module names, a regex string"
+                       + (" or 'all-linear'" if name == "target_modules" else ""))
+        elif name in ("target_modules", "exclude_modules") and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                out.append(f"{name}: {value!r} is not a valid regular expression ({exc}); a string {name} is "
+                           "matched as a regex against full module paths: give a list of names instead, or fix it")
+    return out
 
 
 def _unvalidated_problems(config_cls: type, kwargs: dict[str, Any]) -> list[str]:
