@@ -189,3 +189,20 @@ def test_a_prune_cut_half_way_leaves_no_half_checkpoint(out):
     assert remove_stale_temporaries(out) == [going] and not going.exists()
     result = train(tiny_llama(dropout=0.1), ROWS, None, config(out, resume_from="latest", keep_last=1))
     assert result.global_step == 4 and [s for s, _ in list_checkpoints(out)] == [4]
+
+
+def test_a_resave_swaps_the_copies_in_one_step(out, monkeypatch):
+    # Re-saving an existing step never removes `checkpoint-3` even for an instant: the new copy
+    # is swapped in atomically (renameat2), so os.replace must not be used for it.
+    import os
+
+    import peftkit.train.checkpoint as ckpt
+
+    new = out / "checkpoint-3.tmp-1"
+    shutil.copytree(out / "checkpoint-2", new)
+    expected, old = tree_digest(new), tree_digest(out / "checkpoint-3")
+    replaced = []
+    monkeypatch.setattr(os, "replace", lambda *args: replaced.append(args))
+    ckpt._replace_dir(new, out / "checkpoint-3")
+    assert replaced == [] and tree_digest(out / "checkpoint-3") == expected and not new.exists()
+    assert expected != old

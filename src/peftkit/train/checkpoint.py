@@ -174,13 +174,32 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():  # re-saving a step (e.g. a stop right after resuming): move the old aside
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):  # re-saving a step (e.g. a stop right after resuming): one atomic swap
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old copy; a kill here leaves a spare, not a gap
+    else:  # no atomic swap here: two renames, and checkpoint_folders.remove_stale_temporaries
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")  # restores a kill between them
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import errno
+
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # a kernel or file system without it
+    raise OSError(code, os.strerror(code), str(b))
 
 
 # ---- loading ---------------------------------------------------------------------------
