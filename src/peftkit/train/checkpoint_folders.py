@@ -5,8 +5,9 @@ A checkpoint is built in `checkpoint-{step}.tmp-{pid}` and renamed to `checkpoin
 state file is written last, so a folder with that file is complete. Pruning renames a folder to
 `checkpoint-{step}.deleting-{pid}` before deleting it. Re-saving a step that exists swaps the two
 folders atomically where the system can (Linux renameat2); elsewhere it moves the old folder to
-`checkpoint-{step}.old-{pid}` before renaming the new one in: a kill between the two renames leaves both copies, and `remove_stale_temporaries` puts the newer
-complete one back in place instead of deleting them.
+`checkpoint-{step}.old-{pid}` before renaming the new one in: a kill between the two renames
+leaves both copies, and `remove_stale_temporaries` puts the newer complete one back in place
+instead of deleting them.
 """
 
 from __future__ import annotations
