@@ -63,7 +63,8 @@ def run_config(root: Path, model: str, name: str) -> str:
     # Dropout and shuffling make the run depend on every RNG a checkpoint restores.
     path = causal_config(folder, model, fmt="messages", max_steps=STEPS, micro_batch_size=2, save_every=1,
                          keep_last=2, resume_from="latest", lr=5e-3)
-    text = Path(path).read_text().replace("target_modules: all-linear", "target_modules: all-linear\n  lora_dropout: 0.1")
+    text = Path(path).read_text().replace("target_modules: all-linear",
+                                          "target_modules: all-linear\n  lora_dropout: 0.1")
     Path(path).write_text(text)
     return path
 

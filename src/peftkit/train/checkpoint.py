@@ -90,10 +90,10 @@ def save_checkpoint(
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             # Pruning runs only after a complete save, so a failed one has deleted nothing.
-            last = find_latest_checkpoint(root)
+            last = find_latest_checkpoint(root) or "none (no checkpoint yet)"
             raise_if_disk_full(exc, final.name, str(root), _checkpoint_bytes(model, optimizer),
-                               f"nothing was deleted; the last complete checkpoint is {last or 'none (no checkpoint yet)'}"
-                               ". Free some space, then resume with resume_from='latest'")
+                               f"nothing was deleted; the last complete checkpoint is {last}. Free some space, "
+                               "then resume with resume_from='latest'")
         raise
     accelerator.wait_for_everyone()
     return final

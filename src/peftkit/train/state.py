@@ -29,7 +29,8 @@ class NonFiniteGradError(RuntimeError):
 
     def __init__(self, step: int, grad_norm: float, loss: float, last_checkpoint: Path | None):
         self.step, self.grad_norm, self.loss, self.last_checkpoint = step, grad_norm, loss, last_checkpoint
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved before it"
+        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                else "no checkpoint was saved before it")
         super().__init__(
             f"gradient norm is {grad_norm} at optimizer step {step} (loss {loss:.6g}); training stopped before "
             f"applying that step, {kept}. Clipping cannot repair an infinite norm: look for an extreme scaling "
