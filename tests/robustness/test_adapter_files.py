@@ -184,3 +184,16 @@ def test_a_billion_laughs_run_config_beside_an_adapter_is_refused(cli_adapter, c
     assert (cli_adapter / "run_config.yaml").stat().st_size < 1024
     code, out, err = run_cli(capsys, "eval", str(cli_adapter), "--data", str(cli_adapter.parent / "data.jsonl"))
     assert code == 2 and "expands to more than 100000 values through anchors and aliases" in err
+
+
+def test_hotswap_refuses_a_nan_adapter_and_keeps_the_loaded_one(adapter, tmp_path):
+    from peftkit import hotswap_adapter
+
+    model = PeftModel.from_pretrained(_fresh_base(), str(adapter))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = tmp_path / "other"
+    tiny_llama(seed=1).save_pretrained(str(other))
+    key = tamper(other, set_nan)
+    with pytest.raises(AdapterFileError, match=rf"holds NaN or Inf values: {re.escape(key)} \(3 of "):
+        hotswap_adapter(model, str(other), adapter_name="default")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn as nn
 
-from ...checkpoint import SAFETENSORS_NAME, read_safetensors
+from ...checkpoint.adapter_check import read_checked_adapter
 from ...checkpoint.keys import PREFIX
 from ...config import PeftConfig
 from ..base import AdapterLayer
@@ -155,7 +155,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights ({merged[:3]}...); call "
                          f"unmerge_adapter() before hotswapping")
-    state = read_safetensors(os.path.join(folder, SAFETENSORS_NAME))
+    state = read_checked_adapter(folder, config)  # float, finite, sizes that fit: as any adapter load
     if torch_device is not None:
         state = {k: v.to(torch_device) for k, v in state.items()}
     copies, scalings = _plan(layers, adapter_name, state, config)
