@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 from _tiny_train import lm_rows, max_diff, tiny_llama, trainable
+from cli_helpers import build_chat_tokenizer, causal_config
 
+from peftkit.cli.main import main as peftkit_main
 from peftkit.train import TrainConfig, train
 from peftkit.train.state import NonFiniteGradError
 
@@ -73,3 +75,21 @@ def test_an_infinite_gradient_norm_stops_before_the_update(tmp_path):
                                                  r"saved before it"):
         train(model, lm_rows(16), None, config(tmp_path, lr=1e-3))
     assert max_diff(trainable(model), before) == 0
+
+
+def test_lora_alpha_1e36_through_the_cli_fails_with_exit_1(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_chat_tokenizer()
+    torch.manual_seed(0)
+    model_dir = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=128,
+                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    path = causal_config(tmp_path, str(model_dir), save_every=1)
+    code = peftkit_main(["train", path, "adapter.lora_alpha=1e36", "--no-eval-before"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: gradient norm is inf at optimizer step 1")
+    run = tmp_path / "run"
+    assert not list(run.glob("checkpoint-*")) and not (run / ".peftkit-run.lock").exists()
