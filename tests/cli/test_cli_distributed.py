@@ -23,6 +23,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path, llama_dir):
            "-m", "peftkit", "train", ddp_config]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Rank 0 alone prints the run's lines (data summary, model, summary), once.
+    for line in ("data: task causal-lm", "model: ", "done in ", "output: "):
+        assert proc.stdout.count(line) == 1, proc.stdout
     single_config = causal_config(tmp_path / "single", llama_dir, "prompt_completion", micro_batch_size=4, max_steps=4)
     assert main(["train", single_config]) == 0
 

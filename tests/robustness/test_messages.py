@@ -140,6 +140,21 @@ def test_traceback_flag_keeps_the_full_traceback(tmp_path, llama):
         main(["--traceback", "train", config, "adapter.target_modules=[1, 2]"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "{missing}.yaml"], ["train", "{missing}.yaml", "--dry-run"], ["preview", "{missing}.yaml"],
+    ["merge", "{missing}", "--out", "{tmp}/merged"], ["generate", "{missing}", "hi"],
+    ["eval", "{missing}", "--data", "{missing}.jsonl"], ["inspect", "{missing}"],
+], ids=lambda argv: " ".join(a for a in argv if "{" not in a))
+def test_every_command_fails_in_one_line_and_traceback_shows_it(tmp_path, capsys, argv):
+    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code in (1, 2)
+    assert_one_error(err, str(tmp_path / "missing"))
+    for flagged in (["--traceback", *argv], [*argv, "--traceback"]):  # before or after the command
+        with pytest.raises(Exception, match="missing"):
+            main(flagged)
+
+
 def test_an_unexpected_error_is_one_line_with_the_traceback_hint(capsys, monkeypatch):
     import peftkit.recipe
 

@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("causal-lm", "seq-cls", "seq2seq", "token-cls"),
                    help="default: from the model's config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for --config")
+    # `peftkit train c.yaml --traceback` as well as `peftkit --traceback train c.yaml`; SUPPRESS
+    # keeps a command's parser from resetting the flag given before the command.
+    for command in sub.choices.values():
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
 
 
