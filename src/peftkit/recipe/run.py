@@ -326,22 +326,28 @@ def dry_run(config: RunConfig) -> DryRunReport:
         steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps,
         mean_tokens_per_step=mean_len * plan.window_size, max_tokens_per_step=plan.window_size * config.data.max_length,
         trainable_params=trainable, total_params=total, adapted_modules=adapted,
-        memory=_memory_estimate(config, model, data), base_weight_bytes=base_weight_bytes,
+        memory=_memory_estimate(config, model, data, base_weight_bytes), base_weight_bytes=base_weight_bytes,
     )
 
 
-def _memory_estimate(config: RunConfig, model: torch.nn.Module, data: PreparedData) -> MemoryEstimate:
+def _memory_estimate(config: RunConfig, model: torch.nn.Module, data: PreparedData,
+                     base_weight_bytes: tuple[int, int] | None = None) -> MemoryEstimate:
     """The peak of one step at the largest micro batch: micro_batch_size rows (at most the
-    data's) padded to the longest sequence of the training data."""
+    data's) padded to the longest sequence of the training data. `base_weight_bytes`: the
+    quantized base's (unquantized, quantized) sizes; its adapter is counted in fp32."""
     rows = max(1, min(config.train.micro_batch_size, len(data.train)))
     seq_len = max(1, longest_sequence(data.train))
     on_gpu = torch.cuda.is_available()
     weight_bytes = DTYPE_BYTES[_loaded_dtype(config, model)]
     precision = config.train.precision
     mixed = precision in ("bf16", "fp16") or (precision == "auto" and on_gpu)
-    return estimate_training_memory(model, config.task, rows, seq_len, weight_bytes=weight_bytes,
-                                    activation_bytes=2 if mixed else weight_bytes,
-                                    gradient_checkpointing=bool(config.train.gradient_checkpointing))
+    estimate = estimate_training_memory(model, config.task, rows, seq_len, weight_bytes=weight_bytes,
+                                        activation_bytes=2 if mixed else weight_bytes,
+                                        gradient_checkpointing=bool(config.train.gradient_checkpointing))
+    if base_weight_bytes is not None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        estimate.weights = base_weight_bytes[1] + trainable * 4
+    return estimate
 
 
 def _loaded_dtype(config: RunConfig, model: torch.nn.Module) -> str:
