@@ -60,3 +60,27 @@ def test_conv1d_is_found_by_class_and_by_the_copies_remote_code_carries():
     assert not is_conv1d(torch.nn.Linear(2, 3)) and not is_conv1d(torch.nn.Conv1d(2, 3, 1))
     assert is_linear(torch.nn.Linear(2, 3)) and is_linear(Conv1D()) and not is_linear(torch.nn.Embedding(2, 3))
     assert linear_types() == (torch.nn.Linear, HFConv1D)
+
+
+def test_all_linear_for_a_second_adapter_targets_the_adapted_layers_too():
+    """On a model that already holds an adapter, "all-linear" means the model's linear layers:
+    the adapted ones by their own names (not their base_layer / lora_A inside), as in peft."""
+    import copy
+
+    import peft
+
+    import peftkit
+    from tiny_models import llama
+
+    base = llama()
+    ours = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(target_modules=["q_proj"]), "a1")
+    ours.add_adapter("a2", peftkit.LoraConfig(target_modules="all-linear"))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"]), adapter_name="a1")
+    theirs.add_adapter("a2", peft.LoraConfig(target_modules="all-linear"))
+
+    def adapted(model):
+        return sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A") and "a2" in m.lora_A)
+
+    assert len(adapted(ours)) == 14 and adapted(ours) == adapted(theirs)
+    assert sorted(ours.peft_config["a2"].target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                            "up_proj", "v_proj"]

@@ -1,7 +1,6 @@
 """Which modules a config selects, with PEFT's exact matching rules."""
 from __future__ import annotations
 
-import functools
 import re
 import sys
 
@@ -28,16 +27,22 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-@functools.cache
+_LINEAR_TYPES: tuple[type, ...] | None = None
+
+
 def linear_types() -> tuple[type, ...]:
     """The classes (nn.Linear, transformers' Conv1D) for exact-type checks, e.g. a fast path that
-    must not take a subclass such as a quantized Linear; `is_linear` for everything else."""
-    try:
-        from transformers.pytorch_utils import Conv1D
+    must not take a subclass such as a quantized Linear; `is_linear` for everything else.
+    (Cached in a global, not functools.cache: torch.compile warns on every lru_cache it traces.)"""
+    global _LINEAR_TYPES
+    if _LINEAR_TYPES is None:
+        try:
+            from transformers.pytorch_utils import Conv1D
 
-        return (nn.Linear, Conv1D)
-    except ImportError:  # transformers is optional for the core
-        return (nn.Linear,)
+            _LINEAR_TYPES = (nn.Linear, Conv1D)
+        except ImportError:  # transformers is optional for the core
+            _LINEAR_TYPES = (nn.Linear,)
+    return _LINEAR_TYPES
 
 
 def is_excluded(config, key: str) -> bool:
@@ -89,8 +94,20 @@ def matches_target(config, key: str) -> bool:
 
 
 def all_linear_targets(model: nn.Module, task_type: str | None) -> list[str]:
-    """PEFT's "all-linear": the last name of every linear layer, minus the output head's."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)}
+    """PEFT's "all-linear": the last name of every linear layer, minus the output head's. On a
+    model that already holds adapters, an adapter layer counts under its own name (by its
+    wrapped layer) and nothing inside it (its base_layer, lora_A, ...) does."""
+    names, inside = set(), ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        wrapped = getattr(module, "base_layer", None) if hasattr(module, "adapter_containers") else None
+        if wrapped is not None:
+            inside = (f"{name}.",)
+            if is_linear(wrapped):
+                names.add(name.rsplit(".", 1)[-1])
+        elif is_linear(module):
+            names.add(name.rsplit(".", 1)[-1])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = [head] if head is not None else []
     # A classifier head gets a full trainable copy (modules_to_save), never an adapter; PEFT

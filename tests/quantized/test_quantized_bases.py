@@ -196,3 +196,4 @@ def test_bad_quantization_settings_are_named():
         assert part in text
     _, problems = QuantizationConfig.from_dict({"bits": 8, "backend": "torchao"})
     assert problems == ["model.quantization.bits: 8 needs backend: bitsandbytes (torchao's NF4 is 4-bit)"]
+

@@ -187,10 +187,14 @@ class Linear(LoraLayer):
 
     def fused_blocker(self) -> str | None:
         """Why the fused LoRA op (`kernels.lora_linear`) does not run this layer, or None when it may.
-        A quantized base keeps its own forward (bitsandbytes dequantizes per call and again in
-        backward, keeping nothing), and the adapter branch is added to it on the plain path."""
+
+        A quantized base keeps its own forward, which dequantizes per call and again in backward,
+        and the branch is added to it. Measured per layer (benchmarks/quantized_lora_op.py): the
+        op with the weight dequantized once and kept for backward is ~25% faster but holds a
+        dequantized weight per layer until backward (a whole dequantized model over a step);
+        the op dequantizing on use in both passes (given torchao's NF4 tensor) is no faster."""
         if self.quantized:
-            return f"the base weight is quantized ({self.quantized})"
+            return f"the base weight is quantized ({self.quantized}); its own forward dequantizes it"
         if type(self.base_layer) not in linear_types():
             return f"the base is a {type(self.base_layer).__name__}, not nn.Linear or Conv1D"
         if len(self.active_adapters) != 1:
