@@ -133,7 +133,16 @@ def test_disk_full_while_checkpointing_is_reported_and_deletes_nothing(tmp_path,
     assert result.summary["resumed_from"].endswith("checkpoint-2") and result.global_step == 3
 
 
-def test_disk_full_when_saving_the_adapter_keeps_the_previous_file(tmp_path, monkeypatch):
+def _safetensors_disk_full():
+    from safetensors import SafetensorError
+
+    # What safetensors' Rust writer raises on a full disk (its message carries the OS error).
+    return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                           'left on device" })')
+
+
+@pytest.mark.parametrize("error", [lambda: OSError(errno.ENOSPC, "No space left on device"), _safetensors_disk_full])
+def test_disk_full_when_saving_the_adapter_keeps_the_previous_file(tmp_path, monkeypatch, error):
     import safetensors.torch
 
     model = tiny_llama()
@@ -141,7 +150,7 @@ def test_disk_full_when_saving_the_adapter_keeps_the_previous_file(tmp_path, mon
     before = tree(tmp_path)
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error()
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(DiskFullError, match=rf"disk full while writing adapter_model.safetensors in {tmp_path}: it "
