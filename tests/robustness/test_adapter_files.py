@@ -197,3 +197,14 @@ def test_hotswap_refuses_a_nan_adapter_and_keeps_the_loaded_one(adapter, tmp_pat
     with pytest.raises(AdapterFileError, match=rf"holds NaN or Inf values: {re.escape(key)} \(3 of "):
         hotswap_adapter(model, str(other), adapter_name="default")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_resume_refuses_a_nan_checkpoint(adapter):
+    from peftkit.integrations import load_adapters_in_place
+
+    model = get_peft_model(_fresh_base(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    key = tamper(adapter, set_nan)
+    with pytest.raises(AdapterFileError, match=rf"holds NaN or Inf values: {re.escape(key)} \(3 of "):
+        load_adapters_in_place(model, str(adapter))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -20,7 +20,9 @@ import torch.nn as nn
 import transformers
 from transformers.trainer_pt_utils import LabelSmoother
 
-from ..checkpoint import SAFETENSORS_NAME, read_safetensors, write_safetensors
+from ..checkpoint import SAFETENSORS_NAME, write_safetensors
+from ..checkpoint.adapter_check import read_checked_adapter
+from ..checkpoint.io import adapter_folder
 from ..lm_head_split import is_causal_lm
 from ..model import PeftModel
 
@@ -178,7 +180,7 @@ class _ShiftingLabelSmoother(LabelSmoother):
 def adapter_dir(root: str, adapter_name: str) -> str:
     """Where an adapter lives in a saved folder: the root for "default", else a sub-folder
     named after it (PEFT's layout, as written by `PeftModel.save_pretrained`)."""
-    return root if adapter_name == "default" else os.path.join(root, adapter_name)
+    return adapter_folder(root, adapter_name)
 
 
 def has_adapter_files(folder: str | None, model: PeftModel) -> bool:
@@ -201,7 +203,8 @@ def load_adapters_in_place(model: PeftModel, folder: str) -> None:
         if not os.path.isfile(path):
             problems.append(f"adapter {name!r}: no {path!r}")
             continue
-        states[name] = read_safetensors(path)
+        # Float tensors, no NaN / Inf: a diverged checkpoint must not be resumed unannounced.
+        states[name] = read_checked_adapter(adapter_dir(folder, name), model.peft_config[name])
     if problems:
         raise CheckpointMismatchError(f"Checkpoint {folder!r} does not hold every adapter of the model "
                                       f"(adapters: {list(model.peft_config)}):\n- " + "\n- ".join(problems))
