@@ -8,8 +8,9 @@ and without gradient checkpointing; and the loss's logits. Per token and layer a
 saves about 8.8 x hidden + 4 x intermediate values (+ heads x sequence with eager attention),
 fitted on Llama layers with LoRA on every linear layer (measured with autograd's saved-tensor
 hooks); during backward one more layer's worth is alive (two with checkpointing: the
-recomputed layer and its gradients). tests/robustness/test_messages.py holds the estimate to
-the measured growth of the resident set over one step (within 1.5x in both directions).
+recomputed layer and its gradients). benchmarks/memory_estimate.py compares the estimate with
+the measured growth of the resident set over one step (benchmarks/README.md has the table);
+tests/robustness/test_messages.py holds two shapes of it within 1.5x in both directions.
 """
 
 from __future__ import annotations
@@ -154,11 +155,12 @@ def estimate_training_memory(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens = rows * seq_len
     per_token_layer = SAVED_PER_HIDDEN * dims.hidden + SAVED_PER_INTERMEDIATE * dims.intermediate
-    if dims.eager_attention:
-        per_token_layer += dims.heads * seq_len  # the attention probabilities
-    layer = tokens * per_token_layer * activation_bytes
-    activations = int((dims.layers + 1) * layer)
-    checkpointed = int(dims.layers * tokens * dims.hidden * activation_bytes + 2 * layer)
+    # Eager attention saves its probabilities, and its backward holds two more score-sized
+    # tensors (the gradients of the probabilities and of the scores) while it runs.
+    scores = tokens * dims.heads * seq_len * activation_bytes if dims.eager_attention else 0
+    layer = tokens * per_token_layer * activation_bytes + scores
+    activations = int((dims.layers + 1) * layer + 2 * scores)
+    checkpointed = int(dims.layers * tokens * dims.hidden * activation_bytes + 2 * layer + 2 * scores)
     fused = task == "causal-lm" if fused_loss is None else fused_loss
     if task in ("causal-lm", "seq2seq"):
         logits = tokens * dims.vocab * 4
