@@ -51,14 +51,15 @@ def optimizer_step(
     """Forward/backward every micro-batch of one window, clip, step. `step` is 1-based.
 
     Returns loss (mean per target), loss_sum, targets, tokens (non-padding, all processes),
-    lr (the rate this step used), grad_norm (before clipping) and update_ratio (how far the step
-    moved the trainable weights: ||w_after - w_before|| / ||w_before||). Raises NonFiniteLossError
+    lr (the rate this step used), grad_norm (before clipping) and, on the steps `measures_update`
+    picks, update_ratio (how far the step moved the trainable weights: ||w_after - w_before|| /
+    ||w_before||). Raises NonFiniteLossError
     or NonFiniteGradError before touching the weights when the loss or the gradient norm is NaN
     or infinite.
     """
     device = accelerator.device
     # Taken before any backward: DeepSpeed updates the weights inside the last one.
-    before = [gather_full(p.detach()).clone() for p in trainable]
+    before = [gather_full(p.detach()).clone() for p in trainable] if measures_update(step) else None
     # Count the window's targets over all processes before any forward pass: every
     # micro-batch's loss is divided by this one number.
     counts = [0 if filler else count_fn(batch) for batch, filler in micro]
@@ -115,22 +116,31 @@ def optimizer_step(
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow step keeps the schedule in place
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {
+    result = {
         "loss": loss,
         "loss_sum": loss * window_targets,
         "targets": window_targets,
         "tokens": int(window_tokens),
         "lr": lr,
         "grad_norm": grad_norm,
-        "update_ratio": _update_ratio(before, trainable),
     }
+    if before is not None:
+        result["update_ratio"] = _update_ratio(before, trainable)
+    return result
+
+
+def measures_update(step: int) -> bool:
+    """The steps whose update ratio is measured: the first 10 (a far too large lr or alpha shows
+    at once) and every 50th after. Measuring copies every trainable weight before the step and
+    reads it again after, which costs a visible share of a LoRA step if done on every one."""
+    return step <= 10 or step % 50 == 0
 
 
 @torch.no_grad()
 def _update_ratio(before: list[torch.Tensor], trainable: list[torch.nn.Parameter]) -> float:
     """||w_after - w_before|| / ||w_before|| over all trainable tensors (inf when all started at 0)."""
-    moved = sum(float((gather_full(p.detach()).float() - b.float()).pow(2).sum()) for p, b in zip(trainable, before))
-    size = sum(float(b.float().pow(2).sum()) for b in before)
+    moved = float(sum((gather_full(p.detach()).float() - b.float()).pow(2).sum() for p, b in zip(trainable, before)))
+    size = float(sum(b.float().pow(2).sum() for b in before))
     if size == 0.0:
         return 0.0 if moved == 0.0 else math.inf
     return math.sqrt(moved / size)
