@@ -236,6 +236,29 @@ def test_out_of_memory_in_a_run_says_how_much_where_and_what_to_try(tmp_path, wi
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_out_of_memory_in_eval_names_evals_own_options(tmp_path, wide_mlp_model, capsys):
+    import resource
+
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_mlp_model),
+                           LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    config = yaml.safe_load(Path(_long_rows_config(tmp_path, wide_mlp_model)).read_text())
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as fh:
+        limit = int(fh.read().split()[0]) * resource.getpagesize() + 3 * 2**30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        code, _, err = run_cli(capsys, "eval", str(tmp_path / "adapter"), "--data", config["data"]["path"],
+                               "--batch-size", "8", "--max-length", "2048")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert code == 1, err
+    assert_one_error(err, "error: out of memory: an allocation of 4.0 GiB failed (RAM: ",
+                     "lower --batch-size or --max-length, or load the weights in --dtype bf16")
+
+
 def test_memory_estimate_is_within_1_5x_of_the_measured_step(tmp_path):
     """The estimate's activations + loss + gradients against the growth of the resident set over
     one training step, measured in a fresh process for each batch shape and setting."""

@@ -256,12 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.traceback or os.environ.get("PEFTKIT_TRACEBACK"):
             raise
-        message, code = error_line(exc)
+        message, code = error_line(exc, args.command)
         print(message, file=sys.stderr)
         return code
 
 
-def error_line(exc: BaseException) -> tuple[str, int]:
+# What to lower when a command other than a run runs out of memory.
+OUT_OF_MEMORY_ADVICE = {
+    "eval": "lower --batch-size or --max-length, or load the weights in --dtype bf16",
+    "generate": "lower --max-new-tokens, or load the weights in --dtype bf16",
+    "merge": "write the merged weights in --dtype bf16 (or fp16)",
+}
+
+
+def error_line(exc: BaseException, command: str | None = None) -> tuple[str, int]:
     """The one line `peftkit` prints for an error, and its exit status.
 
     Config and command-line mistakes exit 2; anything else that stops a command exits 1. An
@@ -273,7 +281,9 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, _usage_errors()):
         return f"error: {_message(exc)}", EXIT_USAGE
     if is_out_of_memory(exc):
-        return f"error: {describe_out_of_memory(exc)}", EXIT_PROBLEM
+        advice = OUT_OF_MEMORY_ADVICE.get(command or "")
+        return f"error: {describe_out_of_memory(exc, advice=advice) if advice else describe_out_of_memory(exc)}", \
+            EXIT_PROBLEM
     if isinstance(exc, (ValueError, OSError, ImportError, NotImplementedError)) or _is_peftkit_error(exc):
         return f"error: {_message(exc)}", EXIT_PROBLEM
     return (f"error: unexpected {type(exc).__name__}: {_message(exc)} (rerun with --traceback for the full "

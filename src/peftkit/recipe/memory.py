@@ -245,7 +245,7 @@ def requested_bytes(exc: BaseException) -> int | None:
     return None
 
 
-def describe_out_of_memory(exc: BaseException, where: str | None = None) -> str:
+def describe_out_of_memory(exc: BaseException, where: str | None = None, advice: str = ADVICE) -> str:
     """One line: out of memory, how much was asked, where, what the device has, what to try."""
     if isinstance(exc, RunOutOfMemory):
         return str(exc)
@@ -258,5 +258,5 @@ def describe_out_of_memory(exc: BaseException, where: str | None = None) -> str:
     if capacity is not None:
         parts.append(f" ({device}: {format_bytes(capacity)} in total"
                      + (f", {format_bytes(available)} available now)" if available is not None else ")"))
-    parts.append(f"; {ADVICE}")
+    parts.append(f"; {advice}")
     return "".join(parts)
