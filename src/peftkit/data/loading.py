@@ -7,6 +7,7 @@ number (Arrow's own errors name neither).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -167,9 +168,25 @@ def _load(source: Source, raw_cache_dir: str) -> datasets.Dataset:
         if problem is not None:
             raise problem
     try:
-        return datasets.load_dataset(builder, data_files=source.path, split="train", cache_dir=raw_cache_dir)
+        with quiet_progress():
+            return datasets.load_dataset(builder, data_files=source.path, split="train", cache_dir=raw_cache_dir)
     except Exception as exc:  # pandas/arrow parse errors carry the detail; the file name is ours to add
         raise DataError(f"{source.path}: could not be read as {builder.upper()}: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No `datasets` progress bar inside (its bookkeeping steps: "Generating train split",
+    "Flattening the indices"); the bar of the tokenization, the long step, stays."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, source: Source) -> datasets.Dataset:

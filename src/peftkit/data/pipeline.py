@@ -16,7 +16,7 @@ from .classes import class_names
 from .collate import DataCollator, make_collator
 from .config import TASKS, DataConfig
 from .errors import DataError, RowError
-from .loading import LoadedSource, Source, load_source, resolve_sources
+from .loading import LoadedSource, Source, load_source, quiet_progress, resolve_sources
 from .packing import pack_dataset
 from .tokenization import RowTokenizer
 
@@ -226,7 +226,8 @@ def _build(
         if config.packing:
             final = pack_dataset(rows, columns["_tokens"][indices], config.max_length, target, f"{key}-p{split_id}")
         else:
-            final = rows.flatten_indices(cache_file_name=target, new_fingerprint=f"{key}-f{split_id}")
+            with quiet_progress():
+                final = rows.flatten_indices(cache_file_name=target, new_fingerprint=f"{key}-f{split_id}")
         stats[name] = DataStats(
             rows_read=int(selected.sum()),
             rows_dropped=int((selected & columns["_dropped"]).sum()),
