@@ -13,7 +13,8 @@ PACKAGE = SRC / "peftkit"
 # Top to bottom, as DESIGN.md's "Layers of the house" lists them; each imports only those
 # below it (and its own layer). `peftkit/__init__.py` and `__main__.py` are the public facade.
 LAYERS = ["cli", "recipe", "integrations", "train", "data", "auto", "model", "mixed_adapters", "tuner", "fast_attention",
-          "lm_head_split", "injection", "methods", "checkpoint", "targeting", "config", "kernels", "atomic_files", "_private_apis"]
+          "lm_head_split", "injection", "methods", "checkpoint", "targeting", "config", "kernels", "atomic_files",
+          "_private_apis", "_third_party_noise"]
 FACADE = {"peftkit", "peftkit.__main__"}
 
 

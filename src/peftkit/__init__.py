@@ -1,4 +1,7 @@
 """peftkit: parameter-efficient fine-tuning with PEFT-compatible adapters."""
+from ._third_party_noise import silence_known_noise
+
+silence_known_noise()  # before transformers / deepspeed / torchao can log their known lines
 from .auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM,
                    AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from .config import PeftConfig, TaskType

@@ -10,6 +10,8 @@ cached per model.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import weakref
 from typing import Any, Mapping
 
@@ -124,10 +126,13 @@ def chunked_causal_lm_output(model: nn.Module, kwargs: Mapping[str, Any]):
     denominator = n if num_items is None else num_items
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(loss_sum.device)
+    # transformers 5.x renamed past_key_values to `cache` (and warns on the old name)
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    cache_field = "cache" if "cache" in names else "past_key_values"
     return CausalLMOutputWithPast(loss=loss_sum / denominator, logits=None,
-                                  past_key_values=getattr(outputs, "past_key_values", None),
                                   hidden_states=getattr(outputs, "hidden_states", None),
-                                  attentions=getattr(outputs, "attentions", None))
+                                  attentions=getattr(outputs, "attentions", None),
+                                  **{cache_field: getattr(outputs, cache_field, None)})
 
 
 def _split_inputs(batch: Mapping[str, Any]) -> dict:

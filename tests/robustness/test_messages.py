@@ -480,18 +480,26 @@ def test_ctrl_c_prints_the_command_that_resumes(tmp_path, llama, capsys):
     assert summary["resumed_from"] == match.group(1) and summary["global_step"] == stopped + 1
 
 
-def test_deepspeeds_cpu_notice_is_dropped_and_nothing_else():
-    """Accelerate imports deepspeed whenever it is installed, and deepspeed logs "Setting
-    accelerator to CPU ..." on every machine without a GPU; peftkit drops that line only."""
+@pytest.mark.parametrize("logger_name,noise,kept", [
+    ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+     "DeepSpeed info: version=0.18"),
+    ("torchao", "Failed to load /venv/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not "
+     "load this library", "Skipping import of cpp extensions due to incompatible torch version"),
+    ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+     "torch.compile as an opaque value type.", "some other pytree warning"),
+])
+def test_known_third_party_noise_is_dropped_and_nothing_else(logger_name, noise, kept):
+    """Lines other libraries print on every command with nothing wrong (DeepSpeed without a GPU,
+    torchao's extensions for other Pythons, torch's pytree deprecation torchao triggers) are
+    dropped on `import peftkit`; their other messages are kept."""
     import logging
 
-    import peftkit.train.runtime  # noqa: F401  (installs the filter)
+    import peftkit  # noqa: F401  (installs the filters)
 
-    logger = logging.getLogger("DeepSpeed")
+    logger = logging.getLogger(logger_name)
 
     def record(message: str) -> logging.LogRecord:
-        return logger.makeRecord("DeepSpeed", logging.WARNING, "real_accelerator.py", 213, message, (), None)
+        return logger.makeRecord(logger_name, logging.WARNING, "somewhere.py", 1, message, (), None)
 
-    assert not logger.filter(record("Setting accelerator to CPU. If you have GPU or other accelerator, we were "
-                                    "unable to detect it."))
-    assert logger.filter(record("DeepSpeed info: version=0.18"))
+    assert not logger.filter(record(noise))
+    assert logger.filter(record(kept))

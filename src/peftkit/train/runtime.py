@@ -16,25 +16,6 @@ from .config import LOOP_TASKS, TrainConfig
 Rows = Sequence[Mapping[str, Any]]
 
 
-def silence_deepspeed_cpu_notice() -> None:
-    """Drop DeepSpeed's "Setting accelerator to CPU ..." line (and only it).
-
-    Accelerate's `unwrap_model` imports deepspeed whenever it is installed, and deepspeed then
-    logs that line to stdout at WARNING on every machine without a GPU, in every command, also
-    when no DeepSpeed engine is used. Its other messages are kept.
-    """
-    import logging
-
-    logger = logging.getLogger("DeepSpeed")  # deepspeed.utils.logging's logger; configured on its import
-    if not any(getattr(f, "_peftkit_cpu_notice", False) for f in logger.filters):
-        def keep(record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("Setting accelerator to CPU")
-
-        keep._peftkit_cpu_notice = True  # type: ignore[attr-defined]
-        logger.addFilter(keep)
-
-
-silence_deepspeed_cpu_notice()
 # Engines the loop cannot drive: its checkpoints and loss scaling know whole (DDP), DTensor-
 # sharded (FSDP2) and ZeRO 1/2-partitioned optimizer state (see deepspeed_zero), not split layers.
 _UNSUPPORTED_BACKENDS = {

@@ -1,0 +1,38 @@
+"""Log lines other libraries print on every command although nothing is wrong, dropped one by
+one by a filter on their own logger (their other messages are kept). Installed on `import peftkit`.
+
+- DeepSpeed: "Setting accelerator to CPU ..." on every machine without a GPU; Accelerate imports
+  deepspeed whenever it is installed, also when no DeepSpeed engine is used.
+- torchao: "Failed to load .../torchao/_C....so" for the GPU / other-Python extensions its wheel
+  ships; transformers imports torchao whenever it is installed (its quantizer registry).
+- torch: "<enum ...> is an Enum subclass and is now natively supported by torch.compile", which
+  torchao's import triggers through a deprecated pytree call.
+"""
+from __future__ import annotations
+
+import logging
+
+KNOWN_NOISE = {
+    "DeepSpeed": lambda msg: msg.startswith("Setting accelerator to CPU"),
+    "torchao": lambda msg: msg.startswith("Failed to load") and "torchao" in msg,
+    "torch.utils._pytree": lambda msg: "is an Enum subclass and is now natively supported by torch.compile" in msg,
+}
+
+
+def _noise_filter(is_noise):
+    def keep(record: logging.LogRecord) -> bool:
+        try:
+            return not is_noise(record.getMessage())
+        except Exception:  # a record whose message cannot be formatted is not ours to judge
+            return True
+
+    keep._peftkit_noise = True  # type: ignore[attr-defined]
+    return keep
+
+
+def silence_known_noise() -> None:
+    """Add the filters (once per logger)."""
+    for name, is_noise in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "_peftkit_noise", False) for f in logger.filters):
+            logger.addFilter(_noise_filter(is_noise))
