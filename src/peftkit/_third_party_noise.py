@@ -7,6 +7,8 @@ one by a filter on their own logger (their other messages are kept). Installed o
   ships; transformers imports torchao whenever it is installed (its quantizer registry).
 - torch: "<enum ...> is an Enum subclass and is now natively supported by torch.compile", which
   torchao's import triggers through a deprecated pytree call.
+- bitsandbytes: "MatMul8bitLt: inputs will be cast from ... to float16" on every call of every
+  8-bit layer whose input is not fp16 (it casts, as documented: LLM.int8 computes in fp16).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ KNOWN_NOISE = {
     "DeepSpeed": lambda msg: msg.startswith("Setting accelerator to CPU"),
     "torchao": lambda msg: msg.startswith("Failed to load") and "torchao" in msg,
     "torch.utils._pytree": lambda msg: "is an Enum subclass and is now natively supported by torch.compile" in msg,
+    "bitsandbytes.autograd._functions": lambda msg: msg.startswith("MatMul8bitLt: inputs will be cast"),
 }
 
 

@@ -238,8 +238,8 @@ class PeftModel(nn.Module):
         """Fold the active adapter into the base weights and return the plain base model.
 
         On a quantized base (4/8-bit) every quantized layer is dequantized, the adapter merged in
-        fp32, and the result is a plain model in `dtype` (default: the quantized layers' compute
-        dtype). `requantize=True` instead quantizes each merged weight again in its layer's format
+        fp32, and the result is a plain model in `dtype` (default: the dtype of the model's
+        unquantized weights, e.g. its embeddings). `requantize=True` instead quantizes each merged weight again in its layer's format
         (peft's behaviour; the rounding loses part of the adapter's change)."""
         self._refuse_merge()
         base = self.get_base_model()
@@ -249,8 +249,7 @@ class PeftModel(nn.Module):
                              "no quantized layers (cast the merged model with .to(dtype) instead)")
         fast_attention.disable_fast_attention(self)  # before the adapter layers (marked too) leave the tree
         if quantized and not requantize:
-            first = base.get_submodule(next(iter(quantized)))
-            dtype = dtype or quantized_base.compute_dtype(first)
+            dtype = dtype or _unquantized_dtype(base)
             replaced = quantized_base.dequantize_model(base, torch.float32)
             eject_layers(base, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
             for path in replaced:  # an adapter's base layer now sits where the adapter layer was
@@ -390,6 +389,16 @@ class PeftModel(nn.Module):
 
 
 _CLASS_CACHE: dict[type, type] = {}
+
+
+def _unquantized_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a quantized model keeps its other weights in (embeddings, norms, head)."""
+    quantized = {id(p) for m in model.modules() if quantized_base.is_quantized(m) for p in m.parameters()}
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():  # frozen ones: the adapters' own (fp32) parameters do not count
+        if id(p) not in quantized and p.is_floating_point() and not p.requires_grad:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
 
 
 def peft_model_class(base_cls: type) -> type:

@@ -158,18 +158,34 @@ def test_merge_and_unload_can_requantize(base_dir):
             dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_merge_adapter_and_unmerge_on_a_quantized_base(base_dir, kind):
-    model = peftkit.get_peft_model(quantized(base_dir, kind), peftkit.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+@pytest.mark.parametrize("kind", ["nf4", "int8", "torchao-nf4"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha"])
+def test_merge_adapter_and_unmerge_on_a_quantized_base(base_dir, kind, method):
+    """merge_adapter quantizes W + dW (rounded: near the adapter's output, not equal); unmerge
+    puts the weight from before back, so the base is exactly what it was."""
+    config = {"lora": peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+              "ia3": peftkit.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                       init_ia3_weights=False),
+              "loha": peftkit.LoHaConfig(r=4, alpha=64, target_modules=["q_proj", "v_proj"], init_weights=False)}[method]
+    model = peftkit.get_peft_model(quantized(base_dir, kind), config).eval()
     expected = logits(model)
     with model.disable_adapter():
         base = logits(model)
     model.merge_adapter()
     assert dist(logits(model), expected) < dist(logits(model), base) / 2
     model.unmerge_adapter()
+    assert torch.equal(logits(model), expected)
     with model.disable_adapter():
-        assert dist(logits(model), base) < dist(logits(model), expected) / 2
+        assert torch.equal(logits(model), base)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_and_unload_keeps_the_models_dtype_by_default(base_dir, kind):
+    model = load_quantized_model(base_dir, BASES[kind][0], dtype=torch.bfloat16)
+    model = peftkit.get_peft_model(model, peftkit.LoraConfig(r=4, target_modules="all-linear")).eval()
+    merged = model.merge_and_unload()
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(logits(merged)).all()  # the merged layers and the rest agree on the dtype
 
 
 def test_prepare_model_for_kbit_training_does_what_peft_does(base_dir):
@@ -196,4 +212,20 @@ def test_bad_quantization_settings_are_named():
         assert part in text
     _, problems = QuantizationConfig.from_dict({"bits": 8, "backend": "torchao"})
     assert problems == ["model.quantization.bits: 8 needs backend: bitsandbytes (torchao's NF4 is 4-bit)"]
+    # settings the backend would not apply are refused, not dropped
+    _, problems = QuantizationConfig.from_dict({"bits": 8, "compute_dtype": "fp32"})
+    assert problems == ["model.quantization.compute_dtype: applies to 4-bit only (8-bit: bitsandbytes' LLM.int8 "
+                        "with its own fp16 compute)"]
+    _, problems = QuantizationConfig.from_dict({"bits": 4, "block_size": 128})
+    assert problems and problems[0].startswith("model.quantization.block_size: 128 needs backend: torchao")
+    assert QuantizationConfig.from_dict({"backend": "torchao", "block_size": 128})[1] == []
+
+
+def test_an_8bit_base_prints_nothing_per_forward(base_dir, capfd):
+    model = peftkit.get_peft_model(quantized(base_dir, "int8"), peftkit.LoraConfig(r=4, target_modules=["q_proj"]))
+    capfd.readouterr()
+    for _ in range(2):
+        logits(model)
+    out, err = capfd.readouterr()
+    assert "MatMul8bitLt" not in out + err
 

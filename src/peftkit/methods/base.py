@@ -26,6 +26,8 @@ class AdapterLayer(SavedAdapterLayer):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.merged_adapters: list[str] = []
+        # A quantized base's weight object from before each merge: unmerge puts it back exactly.
+        self._before_merge: dict[str, tuple] = {}
 
     # Code in transformers reads e.g. `self.wo.weight.dtype` on the modules we wrap.
     @property
@@ -117,6 +119,7 @@ class AdapterLayer(SavedAdapterLayer):
                 merged = quantized_base.dequantized_weight(self.base_layer) + self.get_delta_weight(name).float()
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter {name!r} produced NaN/inf weights; the adapter is broken")
+                self._before_merge[name] = quantized_base.take_weight(self.base_layer)
                 quantized_base.store_weight(self.base_layer, merged)
                 self.merged_adapters.append(name)
             return
@@ -137,9 +140,8 @@ class AdapterLayer(SavedAdapterLayer):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if quantized_base.is_quantized(self.base_layer):
-                unmerged = quantized_base.dequantized_weight(self.base_layer) - self.get_delta_weight(name).float()
-                quantized_base.store_weight(self.base_layer, unmerged)
+            if name in self._before_merge:
+                quantized_base.restore_weight(self.base_layer, self._before_merge.pop(name))
                 continue
             weight.data -= self.get_delta_weight(name).to(weight.dtype)
 

@@ -121,6 +121,25 @@ def store_weight(module: nn.Module, weight: torch.Tensor) -> None:
         old.data.copy_(weight.to(old.dtype))
 
 
+def take_weight(module: nn.Module) -> tuple:
+    """The layer's quantized weight as it is now, for `restore_weight` after a merge: putting it
+    back makes unmerging exact (quantizing W + dW and taking dW out again would round W twice).
+    bitsandbytes' 8-bit layer moves its int8 matrix and scales into `state` on first use."""
+    weight = module.weight
+    if quantized_format(module) != BNB_8BIT:
+        return (weight,)
+    in_weight = weight.CB is not None  # not used yet: the matrix and scales are still on the weight
+    return (weight, weight.CB if in_weight else module.state.CB, weight.SCB if in_weight else module.state.SCB)
+
+
+def restore_weight(module: nn.Module, taken: tuple) -> None:
+    """Put back what `take_weight` took."""
+    module.weight = taken[0]
+    if quantized_format(module) == BNB_8BIT:
+        module.state.reset_grads()
+        module.weight.CB, module.weight.SCB = taken[1], taken[2]  # forward moves them into state again
+
+
 def dequantized_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear computing what `module` computes (its weight dequantized) in `dtype`."""
     out_features, in_features = weight_shape(module)

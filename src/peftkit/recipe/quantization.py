@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import gc
 import logging
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
@@ -53,7 +52,10 @@ class QuantizationConfig:
         names = [f.name for f in fields(cls)]
         problems = [f"{section}.{key}: unknown key; accepted: {', '.join(names)}" for key in values if key not in names]
         config = cls(**{k: v for k, v in values.items() if k in names})
-        return config, problems + [f"{section}.{p}" for p in config.problems()]
+        problems += [f"{section}.{p}" for p in config.problems()]
+        if not problems:  # settings the chosen backend would not apply are refused, not dropped
+            problems += [f"{section}.{p}" for p in config.unused_settings(set(values))]
+        return config, problems
 
     def problems(self) -> list[str]:
         out = []
@@ -74,6 +76,19 @@ class QuantizationConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size not in (
                 32, 64, 128, 256, 512, 1024, 2048, 4096):
             out.append(f"block_size: {self.block_size!r} is not accepted; accepted: a power of two from 32 to 4096")
+        return out
+
+    def unused_settings(self, given: set[str]) -> list[str]:
+        """Settings given that the chosen bits / backend has no use for."""
+        out = []
+        if self.bits == 8:
+            out += [f"{key}: applies to 4-bit only (8-bit: bitsandbytes' LLM.int8 with its own fp16 compute)"
+                    for key in ("type", "double_quant", "compute_dtype", "block_size") if key in given]
+        elif self.backend == "bitsandbytes" and self.block_size != 64:
+            out.append(f"block_size: {self.block_size} needs backend: torchao (bitsandbytes' 4-bit blocks are 64, "
+                       "as transformers' BitsAndBytesConfig sets them)")
+        if self.backend == "torchao" and self.double_quant:
+            out.append("double_quant: true needs backend: bitsandbytes (torchao's NF4 always quantizes its scales)")
         return out
 
     def resolved_compute_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -148,9 +163,6 @@ def load_quantized_model(path: str, quantization: QuantizationConfig | dict, *, 
     kwargs = dict(from_pretrained_kwargs, dtype=dtype)
     if quantization.backend == "bitsandbytes":
         kwargs["quantization_config"] = _quantization_config(quantization, dtype)
-        if quantization.bits == 8:
-            # bitsandbytes' int8 matmul warns on every call whose input is not fp16; it casts as documented.
-            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         kwargs.setdefault("device_map", "cuda" if torch.cuda.is_available() else "cpu")
         with quiet_backend_import():
             model = model_class.from_pretrained(path, **kwargs)

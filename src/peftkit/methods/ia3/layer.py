@@ -92,7 +92,10 @@ class IA3Linear(AdapterLayer):
             new_bias = (bias.float() * factor.flatten().float()).to(bias.dtype) if scales_bias else None
             if safe_merge and not (torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())):
                 raise ValueError(f"Merging adapter {name!r} produced NaN/inf weights; the adapter is broken")
-            if (factor == 0).any():
+            if quantized_base.is_quantized(self.base_layer):  # unmerge puts both back (exact)
+                self._before_merge[name] = quantized_base.take_weight(self.base_layer)
+                self._merge_backup[name] = (None, bias.detach().clone() if scales_bias else None)
+            elif (factor == 0).any():
                 self._merge_backup[name] = (weight.detach().clone(), bias.detach().clone() if scales_bias else None)
             self._store_weight(new_weight)
             if new_bias is not None:
@@ -107,7 +110,10 @@ class IA3Linear(AdapterLayer):
             scales_bias = not self.is_feedforward[name] and bias is not None
             if name in self._merge_backup:
                 old_weight, old_bias = self._merge_backup.pop(name)
-                self._store_weight(old_weight)
+                if name in self._before_merge:  # a quantized base
+                    quantized_base.restore_weight(self.base_layer, self._before_merge.pop(name))
+                else:
+                    self._store_weight(old_weight)
                 if old_bias is not None:
                     bias.data.copy_(old_bias)
                 continue

@@ -56,8 +56,12 @@ class LoraLayer(AdapterLayer):
 
     @property
     def quantized(self) -> str | None:
-        """The base weight's quantized format (`quantized_base`), or None for a plain weight."""
-        return quantized_base.quantized_format(self.base_layer)
+        """The base weight's quantized format (`quantized_base`), or None for a plain weight;
+        worked out once per base layer (forward asks on every call)."""
+        base = self.base_layer
+        if self.__dict__.get("_format_of") is not base:
+            self.__dict__["_format_of"], self.__dict__["_format"] = base, quantized_base.quantized_format(base)
+        return self.__dict__["_format"]
 
     def _to_base_device(self, name: str) -> None:
         device = self.base_layer.weight.device
@@ -146,6 +150,9 @@ class Linear(LoraLayer):
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            if name in self._before_merge:  # a quantized base: its weight from before the merge, exactly
+                quantized_base.restore_weight(self.base_layer, self._before_merge.pop(name))
+                continue
             self.lora_variant[name].unmerge(self, name)
         self._base_changed()
 
@@ -154,10 +161,11 @@ class Linear(LoraLayer):
         names = [n for n in (names or self.active_adapters) if n in self.adapter_names and n not in self.merged_adapters]
         for name in names:
             self.lora_variant[name].before_merge(self, name)
-            if self.quantized:  # dequantize, add in fp32, quantize again (rounds: peft warns the same)
+            if self.quantized:  # dequantize, add in fp32, quantize again (rounds W + dW to the grid)
                 merged = self.weight_out_in() + self.get_delta_weight(name)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter {name!r} produced NaN/inf weights; the adapter is broken")
+                self._before_merge[name] = quantized_base.take_weight(self.base_layer)  # unmerge puts it back (exact)
                 self.store_weight_out_in(merged)
                 self.merged_adapters.append(name)
             else:
