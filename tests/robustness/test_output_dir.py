@@ -106,6 +106,23 @@ def test_the_same_process_may_re_enter_its_lock(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_failed_lock_write_gives_the_lock_up(tmp_path, monkeypatch):
+    """Disk full while writing the owner: the error reaches the caller and a retry (space freed)
+    gets the lock, instead of finding it held by its own process forever."""
+    real = run_lock._write_owner
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_lock, "_write_owner", full)
+    with pytest.raises(OSError, match="No space left"):
+        with hold_output_dir(tmp_path):
+            pass
+    monkeypatch.setattr(run_lock, "_write_owner", real)
+    with hold_output_dir(tmp_path):
+        assert (tmp_path / LOCK_FILE).exists()
+
+
 def test_disk_full_while_checkpointing_is_reported_and_deletes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
     real = ckpt.save_file

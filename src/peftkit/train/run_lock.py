@@ -71,10 +71,14 @@ def acquire(output_dir: str | os.PathLike) -> str:
         if os.fstat(fd).st_ino != _inode(path):
             os.close(fd)  # the previous owner deleted the file as we opened it
             continue
-        owner = _read_owner(fd)
-        if owner:
-            _take_over(fd, owner, root, path)
-        _write_owner(fd)
+        try:
+            owner = _read_owner(fd)
+            if owner:
+                _take_over(fd, owner, root, path)
+            _write_owner(fd)
+        except BaseException:  # e.g. disk full writing the owner: give the lock up, or a retry finds it held
+            os.close(fd)
+            raise
         _held[path] = [fd, 1]
         return path
     raise OutputDirInUse(f"could not lock {path}: it keeps being replaced by another process")
@@ -97,14 +101,14 @@ def release(path: str) -> None:
 
 
 def _take_over(fd: int, owner: dict, root: Path, path: str) -> None:
-    """The flock is free but the file names an owner: it died without cleaning up."""
+    """The flock is free but the file names an owner: it died without cleaning up (taken over),
+    or it lives elsewhere (refused; the caller closes `fd`)."""
     host, pid = owner.get("host"), owner.get("pid")
     if host != socket.gethostname():
-        os.close(fd)
         raise OutputDirInUse(f"output_dir {str(root)!r} holds a lock of another host ({_describe(owner)}); "
                              f"if that run is over, delete {path} and start again")
     if isinstance(pid, int) and _same_process_running(pid, owner.get("proc_start")):
-        os.close(fd)  # alive, yet its flock is free: a file system without locks; trust the file
+        # alive, yet its flock is free: a file system without locks; trust the file (the caller closes fd)
         raise OutputDirInUse(f"output_dir {str(root)!r} is in use by another peftkit run "
                              f"({_describe(owner)}); wait for it to finish or choose another output_dir")
     warnings.warn(f"taking over the lock of {root}: its owner ({_describe(owner)}) is no longer running", stacklevel=4)
