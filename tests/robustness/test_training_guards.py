@@ -41,22 +41,36 @@ def test_a_rising_loss_is_warned_once(tmp_path):
 
     calls = []
 
-    def worsening(model, batch):  # from step 2 on, the loss is 3 times the true one
+    def worsening(model, batch):  # from step 6 on, the loss is 3 times the true one
         calls.append(1)
         loss_sum, n = causal_lm_loss(model, batch)
-        return loss_sum * (1 if len(calls) == 1 else 3), n
+        return loss_sum * (1 if len(calls) <= 5 else 3), n
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=1e-3), loss_fn=worsening)
+        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=1e-3, max_steps=12), loss_fn=worsening)
     found = divergence_warnings(caught)
-    assert len(found) == 1 and found[0].startswith("step 2: loss ") and "times the first step's" in found[0]
+    # compared as means of 5 steps: the first 5 against steps 6-10, where the rise holds
+    assert len(found) == 1 and found[0].startswith("step 10: the mean loss of the last 5 steps")
+    assert "times that of the first 5" in found[0]
 
 
 def test_a_healthy_run_is_not_warned(tmp_path):
+    """Also when single steps' losses differ 4x (batches of one easy or hard row, here made so by
+    scaling the loss of every other step): their means do not rise."""
+    from peftkit.train import causal_lm_loss
+
+    calls = []
+
+    def noisy(model, batch):
+        calls.append(1)
+        loss_sum, n = causal_lm_loss(model, batch)
+        return loss_sum * (0.4 if len(calls) % 2 else 1.6), n
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=5e-3))
+        train(tiny_llama(), lm_rows(16), None, config(tmp_path, lr=5e-3, micro_batch_size=1, max_steps=12),
+              loss_fn=noisy)
     assert divergence_warnings(caught) == []
 
 

@@ -58,8 +58,10 @@ def optimizer_step(
     or infinite.
     """
     device = accelerator.device
-    # Taken before any backward: DeepSpeed updates the weights inside the last one.
-    before = [gather_full(p.detach()).clone() for p in trainable] if measures_update(step) else None
+    deepspeed = is_deepspeed(accelerator)
+    # The weights before the update: taken just before optimizer.step(), when the step's
+    # activations are gone; under DeepSpeed, which updates inside the last backward, before it.
+    before = _snapshot(trainable) if deepspeed and measures_update(step) else None
     # Count the window's targets over all processes before any forward pass: every
     # micro-batch's loss is divided by this one number.
     counts = [0 if filler else count_fn(batch) for batch, filler in micro]
@@ -72,7 +74,6 @@ def optimizer_step(
             stacklevel=3,
         )
     scale = accelerator.num_processes / max(window_targets, 1.0)
-    deepspeed = is_deepspeed(accelerator)
     if deepspeed:
         scale *= len(micro)  # DeepSpeed divides each micro-batch's loss by its accumulation steps
 
@@ -112,6 +113,8 @@ def optimizer_step(
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteGradError(step, grad_norm, loss, last_checkpoint)
     lr = optimizer.param_groups[0]["lr"]
+    if not deepspeed and measures_update(step):
+        before = _snapshot(trainable)
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow step keeps the schedule in place
         scheduler.step()
@@ -134,6 +137,10 @@ def measures_update(step: int) -> bool:
     at once) and every 50th after. Measuring copies every trainable weight before the step and
     reads it again after, which costs a visible share of a LoRA step if done on every one."""
     return step <= 10 or step % 50 == 0
+
+
+def _snapshot(trainable: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [gather_full(p.detach()).clone() for p in trainable]
 
 
 @torch.no_grad()
