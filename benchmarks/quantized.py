@@ -211,10 +211,58 @@ def load_row(spec: dict):
     return model, stages
 
 
+def apply_diagnostics(spec: dict) -> None:
+    """The `--diagnose-*` changes (README: "Why the targets are missed"), applied in this process
+    to whichever rows run with them: not what either library does today."""
+    import ctypes
+
+    import torch
+
+    if spec.get("pread"):  # transformers reads each tensor into its own buffer instead of mmapping the file
+        import transformers.modeling_utils as modeling_utils
+
+        safe_open = modeling_utils.safe_open
+
+        def pread_open(file, framework="pt", device="cpu", backend=None):
+            return safe_open(file, framework=framework, device=device, backend="pread")
+
+        modeling_utils.safe_open = pread_open
+    if spec.get("mmap_threshold"):  # glibc M_MMAP_THRESHOLD (-3): large buffers go back to the OS when freed
+        if ctypes.CDLL("libc.so.6").mallopt(-3, int(spec["mmap_threshold"])) != 1:
+            raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
+    if spec.get("colmajor_grad"):  # bf16 input gradients with a column-major gradient operand
+        import bitsandbytes.autograd._functions as bnb_autograd
+        import bitsandbytes.functional as bnb_functional
+
+        import peftkit.kernels._gemm as gemm
+        import peftkit.kernels.cross_entropy as cross_entropy
+
+        backward = bnb_autograd.MatMul4Bit.backward
+
+        def matmul4bit_backward(ctx, grad_output):
+            if ctx.is_empty or not ctx.needs_input_grad[0] or any(ctx.needs_input_grad[1:4]):
+                return backward(ctx, grad_output)
+            weight = bnb_functional.dequantize_4bit(ctx.tensors[1], ctx.state).to(grad_output.dtype)  # [out, in]
+            g = grad_output.reshape(-1, grad_output.shape[-1])
+            grad = torch.mm(g.t().contiguous().t(), weight)
+            return grad.view(*grad_output.shape[:-1], weight.shape[1]), None, None, None, None
+
+        bnb_autograd.MatMul4Bit.backward = staticmethod(matmul4bit_backward)
+        linear_nt = gemm.linear_nt
+
+        def colmajor_linear_nt(x, weight, bias=None):
+            if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and weight.t().is_contiguous():
+                x = x.t().contiguous().t()
+            return linear_nt(x, weight, bias)
+
+        cross_entropy.linear_nt = colmajor_linear_nt
+
+
 def run_one(spec: dict) -> dict:
     import torch
 
     _import_everything()
+    apply_diagnostics(spec)
     imports = _status()
     load_start = _loadavg()
     torch.set_num_threads(spec["threads"])
@@ -293,6 +341,11 @@ def base_spec(args) -> dict:
                                        vocab=args.vocab)
     return dict(shape, r=args.r, seed=args.seed, batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps,
                 lr=args.lr, threads=args.threads)
+
+
+def diagnostics(args) -> dict:
+    return dict(pread=args.diagnose_pread, mmap_threshold=args.diagnose_mmap_threshold,
+                colmajor_grad=args.diagnose_colmajor_grad)
 
 
 def ensure_base(spec: dict, args) -> str:
@@ -377,11 +430,15 @@ def print_table(results: dict, rows: list[str]) -> None:
         if "error" in r:
             print(f"{key:20} ERROR {r['error']}")
             continue
+        if r.get("diagnostics"):
+            key = key + "*"
         train = r.get("train_peak_above_imports_mb")
         at = r["at_peak_above_imports"]
         print(f"{key:20} {r['s_per_step']:8.2f} {r['cpu_s_per_step']:7.2f} {r['peak_above_imports_mb']:9.0f} "
               f"{r['load_peak_above_imports_mb']:8.0f} {train if train is not None else float('nan'):9.0f} "
               f"{at['anon']:8.0f} {at['file']:8.0f} {r['loss']:10.5f}")
+    if any(r.get("diagnostics") for r in results.values()):
+        print("* = with the --diagnose-* changes (the ratios below compare these rows as they ran)")
     print()
     for name, (value, target) in ratios(results).items():
         verdict = "" if target is None else f"  target <= {target}: {'met' if value <= target else 'MISSED'}"
@@ -430,6 +487,17 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="fresh-process runs per row, round-robin")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "peftkit-bench-quantized"),
                    help="where the bf16 checkpoint and the initial adapter are kept between runs")
+    p.add_argument("--diagnose-pread", action="store_true",
+                   help="diagnostic, every row: transformers reads the checkpoint with safetensors' pread backend "
+                        "instead of mmap (what a quantizing loader could do)")
+    p.add_argument("--diagnose-mmap-threshold", type=int, default=0, metavar="BYTES",
+                   help="diagnostic, every row: glibc mallopt(M_MMAP_THRESHOLD, BYTES) so that freed large "
+                        "temporaries go back to the OS (as MALLOC_MMAP_THRESHOLD_=BYTES would)")
+    p.add_argument("--diagnose-colmajor-grad", action="store_true",
+                   help="diagnostic, every row: bitsandbytes' 4-bit backward and peftkit's chunked-loss backward "
+                        "multiply a column-major bf16 gradient (fast on CPUs without bf16 GEMM)")
+    p.add_argument("--diagnose-rows", nargs="+", choices=ROWS,
+                   help="the rows the --diagnose-* options apply to (default: every row)")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--in-process", action="store_true",
                    help="every row in this one process (the test: losses and times only, memory is meaningless)")
@@ -458,6 +526,9 @@ def main(argv=None) -> int:
     info = machine()
     print(f"machine: {info}")
     spec = base_spec(args)
+    if any(diagnostics(args).values()):
+        print(f"DIAGNOSTIC RUN (not what the libraries do today): {diagnostics(args)} on "
+              f"{', '.join(args.diagnose_rows or args.rows)}")
     print(f"Llama hidden {spec['hidden']}, {spec['layers']} layers, intermediate {spec['intermediate']}, vocab "
           f"{spec['vocab']}; LoRA r={spec['r']} on {', '.join(PROJECTIONS)}; batch {spec['batch']} x {spec['seq']} "
           f"tokens; {args.warmup} warm-up + {args.steps} measured steps, {args.threads} thread(s)\n")
@@ -469,10 +540,15 @@ def main(argv=None) -> int:
         for key in order:
             side, base = key.split(":")
             t0 = time.perf_counter()
-            r = run_child(dict(spec, side=side, base=base, base_dir=base_dir), args.timeout, args.in_process)
+            diagnose = diagnostics(args) if key in (args.diagnose_rows or args.rows) else {}
+            payload = dict(spec, side=side, base=base, base_dir=base_dir, **diagnose)
+            r = run_child(payload, args.timeout, args.in_process)
+            if any(diagnose.values()):
+                r["diagnostics"] = diagnose
             collected.setdefault(key, []).append(r)
             status = r.get("error") or (f"{r['s_per_step']:.2f} s/step, peak {r['peak_above_imports_mb']:.0f} MB "
-                                        f"above imports, loss {r['loss']:.5f}, load {' '.join(r['loadavg_start'] or [])}")
+                                        f"above imports, loss {r['loss']:.5f}, "
+                                        f"load {' '.join(r['loadavg_start'] or [])}")
             print(f"  {round_ + 1}/{args.repeats} {key:20} {status}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     results = {k: _combine(v) for k, v in collected.items()}
     print()
