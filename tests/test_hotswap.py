@@ -56,6 +56,19 @@ def test_compiled_model_takes_the_new_adapter_without_recompiling(adapters):
     assert (second - first).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("which", ["a", "rslora"])
+def test_a_prepared_adapter_saved_and_loaded_again_computes_the_same(adapters, tmp_path, which):
+    """Padding to target_rank changes r in the config: lora_alpha changes with it, so the saved
+    adapter keeps each layer's scaling (alpha / r; rsLoRA alpha / sqrt(r))."""
+    model = peftkit.PeftModel.from_pretrained(llama(), adapters[which]).eval()
+    before = _logits(model)
+    peftkit.prepare_model_for_compiled_hotswap(model, target_rank=16, config=model.peft_config)
+    model.save_pretrained(str(tmp_path))
+    reloaded = peftkit.PeftModel.from_pretrained(llama(), str(tmp_path)).eval()
+    assert reloaded.peft_config["default"].r == 16
+    assert (_logits(reloaded) - before).abs().max() <= 1e-5
+
+
 def test_hotswap_without_compile_equals_a_fresh_load(adapters):
     model = peftkit.PeftModel.from_pretrained(llama(), adapters["a"]).eval()  # q, v, embeddings at rank 4
     params = {id(p) for p in model.parameters()}

@@ -83,8 +83,20 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
                 _pad(layer, name, target_rank)
     if target_rank is not None and config:
         for lora_config in (config.values() if isinstance(config, dict) else [config]):
-            lora_config.r = target_rank
-            lora_config.rank_pattern = {key: target_rank for key in (lora_config.rank_pattern or {})}
+            _config_at_rank(lora_config, target_rank)
+
+
+def _config_at_rank(config, rank: int) -> None:
+    """The config of the padded adapter: r (and rank_pattern) become `rank`, and lora_alpha (and
+    alpha_pattern) change with them so that every layer keeps its scaling (alpha / r, or
+    alpha / sqrt(r) with rsLoRA): saved and loaded again, the adapter computes what it did."""
+    factor = (lambda r: math.sqrt(rank / r)) if config.use_rslora else (lambda r: rank / r)
+    ranks, alphas = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    config.alpha_pattern = {key: alphas.get(key, config.lora_alpha) * factor(ranks.get(key, config.r))
+                            for key in {**ranks, **alphas}}
+    config.lora_alpha = config.lora_alpha * factor(config.r)
+    config.r = rank
+    config.rank_pattern = {key: rank for key in ranks}
 
 
 @torch.no_grad()
