@@ -53,6 +53,7 @@ def test_eval_and_merge_use_the_quantized_base_the_adapter_was_trained_on(qlora_
     assert main(["merge", str(qlora_run), "--out", str(out), "--dtype", "fp32"]) == 0
     printed = capsys.readouterr().out
     assert "parity OK" in printed
+    assert "base: the 14 quantized layers (bitsandbytes-4bit) the adapter was trained on, dequantized" in printed
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not hasattr(merged.config, "quantization_config")
     assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in merged.parameters())

@@ -36,6 +36,7 @@ class MergeReport:
     dtype: str
     saved_tokenizer: bool
     weight_files: tuple[str, ...] = ()  # the safetensors files written (several: sharded, with an index)
+    base_note: str | None = None  # what the base weights were, when not the checkpoint's as they are
 
     @property
     def ok(self) -> bool:
@@ -46,7 +47,8 @@ class MergeReport:
         shards = f", {len(self.weight_files)} weight shards" if len(self.weight_files) > 1 else ""
         return (f"merged model written to {self.out_dir} ({self.dtype}"
                 f"{', with tokenizer' if self.saved_tokenizer else ', no tokenizer'}{shards})\n"
-                f"{verdict}: max |merged - adapter| output difference {self.max_abs_diff:.3g} over "
+                + (f"base: {self.base_note}\n" if self.base_note else "")
+                + f"{verdict}: max |merged - adapter| output difference {self.max_abs_diff:.3g} over "
                 f"{self.num_inputs} inputs (tolerance {self.tolerance:.3g})")
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.export import DEFAULT_MAX_SHARD_SIZE, MergeReport, export_merged
+from ..methods.quantized_base import quantized_layers
 from .loading import LoadedAdapter, load_adapter
 
 MERGE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -34,8 +35,14 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dt
     loaded = load_adapter(adapter_dir, base, dtype="fp32")
     target = _checkpoint_dtype(loaded.base_path) if dtype == "auto" else {
         "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    return export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
-                         tolerance=tolerance, max_shard_size=shard_bytes)
+    quantized = quantized_layers(loaded.model.get_base_model())
+    report = export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
+                           tolerance=tolerance, max_shard_size=shard_bytes)
+    if quantized:  # run_config.yaml's model.quantization: the base the adapter was trained on
+        kinds = ", ".join(sorted(set(quantized.values())))
+        report.base_note = (f"the {len(quantized)} quantized layers ({kinds}) the adapter was trained on, "
+                            f"dequantized (the other layers as in the checkpoint); parity is against that model")
+    return report
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
