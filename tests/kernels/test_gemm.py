@@ -139,3 +139,17 @@ def test_onednn_route_traces_under_torch_compile():
     torch._dynamo.reset()
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_nt_16bit_through_a_transposed_weight_matches_mm(dtype):
+    """g @ W (the input gradient through a linear layer): on CPUs without native 16-bit GEMMs x
+    is made column-major first (torch's row-major x row-major 16-bit kernel is ~70x slower);
+    the product is the same up to summation order."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, OUT, generator=g).to(dtype)
+    w = (torch.randn(OUT, IN, generator=g) / OUT**0.5).to(dtype)  # [out, in]; linear_nt(x, w.t()) = x @ w
+    got = _gemm.linear_nt(x, w.t())
+    want = x.double() @ w.double()
+    assert got.dtype == dtype and got.shape == (N, IN)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
