@@ -229,3 +229,19 @@ def test_an_8bit_base_prints_nothing_per_forward(base_dir, capfd):
     out, err = capfd.readouterr()
     assert "MatMul8bitLt" not in out + err
 
+
+
+@pytest.mark.parametrize("kind", ["nf4", "torchao-nf4"])
+def test_the_input_gradient_through_a_4bit_layer_is_the_layers_own(base_dir, kind):
+    """peftkit takes a 4-bit base layer's input gradient itself (its weight dequantized in
+    backward, through the fast 16-bit product); it equals the library's own backward."""
+    from peftkit.methods import quantized_base
+
+    layer = quantized(base_dir, kind).model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    expected, x.grad = x.grad, None
+    out = quantized_base.forward(layer, x)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_DequantizingBackward")
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)

@@ -140,6 +140,37 @@ def restore_weight(module: nn.Module, taken: tuple) -> None:
         module.weight.CB, module.weight.SCB = taken[1], taken[2]  # forward moves them into state again
 
 
+class _DequantizingBackward(torch.autograd.Function):
+    """A 4-bit layer's own forward, and an input gradient g @ W from its weight dequantized in
+    backward (nothing kept between the passes, as bitsandbytes' and torchao's own backward):
+    through `kernels.linear_nt`, whose 16-bit product is ~70x faster than theirs on CPUs without
+    native bf16 GEMMs (they multiply a row-major g by a row-major W)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        ctx.module, ctx.x_dtype = module, x.dtype
+        with torch.no_grad():
+            return module(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from ..kernels._gemm import linear_nt
+
+        g = grad.reshape(-1, grad.shape[-1])
+        weight = dequantized_weight(ctx.module, g.dtype)  # [out, in]
+        grad_x = linear_nt(g, weight.t())
+        return grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype), None
+
+
+def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for a frozen quantized layer, with the faster input gradient for 4-bit
+    layers (`_DequantizingBackward`); 8-bit layers (LLM.int8's own backward) run as they are."""
+    if (quantized_format(module) in (BNB_4BIT, TORCHAO_NF4) and torch.is_grad_enabled() and x.requires_grad
+            and not any(p.requires_grad for p in module.parameters())):
+        return _DequantizingBackward.apply(x, module)
+    return module(x)
+
+
 def dequantized_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear computing what `module` computes (its weight dequantized) in `dtype`."""
     out_features, in_features = weight_shape(module)

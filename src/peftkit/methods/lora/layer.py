@@ -187,7 +187,10 @@ class Linear(LoraLayer):
                 return fast
         # The plain path: each variant adds its branch to the base output (in the adapters'
         # dtype, as peft), and the sum is rounded to the base output's dtype once.
-        result = self.base_layer(x, *args, **kwargs)
+        if self.quantized and not args and not kwargs:
+            result = quantized_base.forward(self.base_layer, x)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in self.active_adapters:
             result = self.lora_variant[name].forward(self, name, x, result)
