@@ -39,6 +39,11 @@ after the imports), and RSS after loading and after attaching the adapter.
     python benchmarks/quantized.py                       # every row, 2 fresh-process runs each
     python benchmarks/quantized.py --rows peft:nf4 peftkit:nf4 --repeats 1 --json out.json
     python benchmarks/quantized.py --tiny --in-process   # seconds: does it run (the test)
+    python benchmarks/quantized.py --rows peft:nf4 peftkit:nf4 --diagnose-rows peftkit:nf4 \
+        --diagnose-pread --diagnose-mmap-threshold 4194304 --diagnose-colmajor-grad   # the fixes, measured
+
+The --diagnose-* options patch the chosen rows' processes with changes neither library makes
+today (benchmarks/README.md says why each one matters); their rows are starred in the table.
 """
 from __future__ import annotations
 
@@ -495,7 +500,8 @@ def parse_args(argv=None):
                         "temporaries go back to the OS (as MALLOC_MMAP_THRESHOLD_=BYTES would)")
     p.add_argument("--diagnose-colmajor-grad", action="store_true",
                    help="diagnostic, every row: bitsandbytes' 4-bit backward and peftkit's chunked-loss backward "
-                        "multiply a column-major bf16 gradient (fast on CPUs without bf16 GEMM)")
+                        "multiply a column-major bf16 gradient (fast on CPUs without bf16 GEMM; peftkit does both "
+                        "itself since 0df8aed / c086e38, so this now changes only peft rows)")
     p.add_argument("--diagnose-rows", nargs="+", choices=ROWS,
                    help="the rows the --diagnose-* options apply to (default: every row)")
     p.add_argument("--json", help="write all results to this file")
