@@ -392,6 +392,10 @@ def width_spec(args, width: str) -> dict:
     spec = dict(WIDTHS[width], width=width)
     if width == "b":
         spec["layers"], spec["dropout"] = args.b_layers, args.b_dropout
+    if args.seq:
+        spec["seq"] = args.seq
+    if args.batch:
+        spec["batch"] = args.batch
     return dict(spec, warmup=args.warmup, steps=args.steps, threads=args.threads, seed=args.seed, lr=args.lr,
                 no_onednn=args.no_onednn)
 
@@ -525,6 +529,8 @@ def parse_args(argv=None):
                    help="decoder layers of width b (SmolLM-135M has 30; 12 keeps a 2-core run under an hour)")
     p.add_argument("--b-dropout", type=float, default=0.05,
                    help="LoRA dropout of width b (0: the sides' losses then agree as closely as width a's)")
+    p.add_argument("--seq", type=int, help="tokens per row (default: the width's, 256)")
+    p.add_argument("--batch", type=int, help="rows per step (default: the width's, 4)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (>= 1)")
     p.add_argument("--steps", type=int, default=6, help="measured steps; the median is reported")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate on every route (constant)")
@@ -546,7 +552,8 @@ def parse_args(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
     args = p.parse_args(argv)
     problems = [f"--{k.replace('_', '-')}={getattr(args, k)} must be >= 1" for k in
-                ("warmup", "steps", "threads", "repeats", "b_layers") if getattr(args, k) < 1]
+                ("warmup", "steps", "threads", "repeats", "b_layers", "seq", "batch")
+                if getattr(args, k) is not None and getattr(args, k) < 1]
     if problems:
         p.error("; ".join(problems))
     return args

@@ -179,6 +179,23 @@ def _mkldnn_linear_pointwise() -> None:
     _expect(torch.allclose(got, torch.nn.functional.linear(x, w, b), atol=1e-5), "result differs from F.linear")
 
 
+@_api("torch.ops.mkldnn._is_mkldnn_bf16_supported", "torch",
+      "a bool: whether oneDNN has native bf16 GEMMs on this CPU (AVX512_BF16, AMX); without them a bf16 "
+      "product through a transposed weight is computed with x column-major (~70x faster)",
+      "src/peftkit/kernels/_gemm.py")
+@_api("torch.ops.mkldnn._is_mkldnn_fp16_supported", "torch",
+      "a bool: whether oneDNN has native fp16 GEMMs on this CPU (AVX512_FP16, AMX-FP16); as for bf16",
+      "src/peftkit/kernels/_gemm.py")
+def _mkldnn_16bit_supported() -> None:
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return  # not used on this build
+    for name in ("_is_mkldnn_bf16_supported", "_is_mkldnn_fp16_supported"):
+        _expect(hasattr(torch.ops.mkldnn, name), f"torch.ops.mkldnn has no {name}")
+        _expect(isinstance(getattr(torch.ops.mkldnn, name)(), bool), f"torch.ops.mkldnn.{name}() is not a bool")
+
+
 @_api("torch.__config__.parallel_info()", "torch",
       "its text says 'parallel backend: OpenMP' on OpenMP builds (the C kernels then share torch's threads)",
       "src/peftkit/kernels/_native.py")
