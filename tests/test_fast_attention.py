@@ -37,6 +37,15 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def native_16bit(monkeypatch):
+    """The kernel is taken only on CPUs with native bf16/fp16 GEMMs; these tests check the routing
+    and its results on any CPU, so they run as if this one had them (one test checks the gate)."""
+    from peftkit.kernels import _gemm
+
+    monkeypatch.setattr(_gemm, "_NATIVE_16BIT", {torch.bfloat16: True, torch.float16: True})
+
+
+@pytest.fixture(autouse=True)
 def no_model_left_routed():
     yield
     # Whatever a test routed is released by disable / unload or, at the latest, garbage collection:
@@ -152,6 +161,15 @@ def test_kernel_runs_for_bf16_train_mode_forwards_only(kernel_calls):
 
     fp32 = lora(tiny_models.llama())
     loss_and_grads(fp32, data)  # fp32: SDPA (the kernel is not faster there on CPU)
+    assert kernel_calls == []
+
+
+def test_kernel_steps_aside_without_native_16bit_gemms(kernel_calls, monkeypatch):
+    """Where bf16 is multiplied by torch's slow fallback (no AVX512_BF16 / AMX), SDPA is faster."""
+    from peftkit.kernels import _gemm
+
+    monkeypatch.setattr(_gemm, "_NATIVE_16BIT", {torch.bfloat16: False, torch.float16: False})
+    loss_and_grads(lora(tiny_models.llama().to(torch.bfloat16)), batch())
     assert kernel_calls == []
 
 

@@ -3,6 +3,7 @@ run only, and hands the model back computing as it came."""
 import importlib
 
 import pytest
+import torch
 from _tiny_train import lm_rows, tiny_llama
 
 from peftkit import disable_fast_attention, enable_fast_attention, fast_attention_enabled
@@ -13,6 +14,10 @@ attention_kernels = importlib.import_module("peftkit.kernels.attention")
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
+    from peftkit.kernels import _gemm
+
+    # the kernel is taken only on CPUs with native bf16 GEMMs; here the routing is what is tested
+    monkeypatch.setattr(_gemm, "_NATIVE_16BIT", {torch.bfloat16: True, torch.float16: True})
     calls = []
     fast = attention_kernels._attention_torch
 

@@ -15,7 +15,7 @@ import platform
 import torch
 from torch import Tensor
 
-__all__ = ["linear_nt", "onednn_fp32_available"]
+__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available"]
 
 
 def _onednn_fp32() -> bool:
@@ -54,14 +54,23 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _slow_rowmajor_lowp(dtype: torch.dtype) -> bool:
-    """Whether this CPU lacks native bf16 / fp16 GEMMs (no AVX512_BF16 / AVX512_FP16 / AMX)."""
-    if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+_NATIVE_16BIT: dict[torch.dtype, bool] = {}
 
 
-_SLOW_ROWMAJOR = {}
+def native_16bit_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bf16 / fp16) natively: AVX512_BF16 / AVX512_FP16 or
+    AMX, as oneDNN reports it. Without, torch's 16-bit CPU GEMMs are a slow fallback whose speed
+    depends on the operands' layout (see `linear_nt`)."""
+    native = _NATIVE_16BIT.get(dtype)
+    if native is None:
+        if not torch.backends.mkldnn.is_available():
+            native = False
+        elif dtype == torch.bfloat16:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        else:
+            native = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        _NATIVE_16BIT[dtype] = native
+    return native
 
 
 def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -76,10 +85,7 @@ def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and weight.dim() == 2
             and weight.t().is_contiguous() and not weight.is_contiguous() and x.stride(-1) == 1
             and not torch.compiler.is_compiling()):
-        slow = _SLOW_ROWMAJOR.get(x.dtype)
-        if slow is None:
-            slow = _SLOW_ROWMAJOR[x.dtype] = torch.backends.mkldnn.is_available() and _slow_rowmajor_lowp(x.dtype)
-        if slow:
+        if torch.backends.mkldnn.is_available() and not native_16bit_gemm(x.dtype):
             x = x.t().contiguous().t()
     if (
         x.dtype == torch.float32
