@@ -7,7 +7,8 @@
   materialising the full logits.
 - `dora_weight_norm`: DoRA's row norm of W + s·B A without forming that matrix.
 - `attention`: softmax(q kᵀ · scale + bias) v for training-length sequences as per-batch
-  GEMMs with the probabilities kept (CPU: ~0.5x SDPA's time up to 512 keys);
+  GEMMs with the probabilities kept (CPU with native bf16 GEMMs: ~0.5x SDPA's time up to 512
+  keys; without them, 2.2x, so it is not taken there);
   `peftkit.enable_fast_attention(model)` (opt-in; peftkit's training loop turns it on) routes
   a transformers model's SDPA calls to it in train mode, bf16/fp16, on CPU.
 - `compile_decoder_layers` (in `kernels.compile`): torch.compile on each decoder layer.
