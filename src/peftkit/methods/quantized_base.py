@@ -59,18 +59,6 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.weight.shape)
 
 
-def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the layer computes (and dequantizes) in."""
-    kind = quantized_format(module)
-    if kind == BNB_4BIT:
-        return module.compute_dtype or module.weight.quant_state.dtype
-    if kind == BNB_8BIT:
-        return torch.float16 if module.bias is None else module.bias.dtype
-    if kind == TORCHAO_NF4:
-        return module.weight.dtype
-    return module.weight.dtype
-
-
 def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight of a quantized linear layer as a plain [out, in] tensor (the values its forward
     multiplies by), in `dtype`; a plain layer's weight as is (cast)."""
