@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..atomic_files import exchange_paths
+
 # Default parity tolerance, relative to the largest reference output: fp32 only reorders sums;
 # 16-bit weights round each merged weight (~3 significant digits) before the layers compound it.
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -132,7 +134,11 @@ def _check_out_dir(out_dir: str) -> None:
 
 
 def _replace_dir(staging: str, out_dir: str) -> None:
-    """Rename `staging` to `out_dir`; an earlier export there is swapped out, then removed."""
+    """Rename `staging` to `out_dir`; an earlier export there is swapped out in one atomic step
+    where the system can (else by two renames), then removed."""
+    if os.path.isdir(out_dir) and exchange_paths(staging, out_dir):
+        shutil.rmtree(staging, ignore_errors=True)  # now the earlier export
+        return
     old = None
     if os.path.isdir(out_dir):
         old = tempfile.mkdtemp(prefix=".tmp-old-", dir=os.path.dirname(os.path.abspath(out_dir)))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..atomic_files import raise_if_disk_full
+from ..atomic_files import exchange_paths, raise_if_disk_full
 from ..checkpoint.sharded import gather_full, shard_like
 from . import deepspeed_zero
 from .checkpoint_check import (FORMAT_VERSION, OPTIMIZER_JSON_FILE, OPTIMIZER_TENSORS_FILE, RNG_FILE, STATE_FILE,
@@ -176,30 +176,13 @@ def _fsync_tree(folder: Path) -> None:
 def _replace_dir(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.replace(tmp, final)
-    elif _exchange(tmp, final):  # re-saving a step (e.g. a stop right after resuming): one atomic swap
+    elif exchange_paths(tmp, final):  # re-saving a step (e.g. a stop right after resuming): one atomic swap
         shutil.rmtree(tmp, ignore_errors=True)  # now the old copy; a kill here leaves a spare, not a gap
     else:  # no atomic swap here: two renames, and checkpoint_folders.remove_stale_temporaries
         old = final.with_name(f"{final.name}.old-{os.getpid()}")  # restores a kill between them
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-    import errno
-
-    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if rename is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False  # a kernel or file system without it
-    raise OSError(code, os.strerror(code), str(b))
 
 
 # ---- loading ---------------------------------------------------------------------------
