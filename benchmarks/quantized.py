@@ -50,14 +50,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench_common import below_one, child_env, loadavg, machine as bench_machine, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -108,14 +108,6 @@ class _Sampler(threading.Thread):
         self._done.set()
         self.join()
         return self.best
-
-
-def _loadavg() -> list[str] | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[:3]
-    except OSError:
-        return None
 
 
 def _import_everything() -> None:
@@ -269,7 +261,7 @@ def run_one(spec: dict) -> dict:
     _import_everything()
     apply_diagnostics(spec)
     imports = _status()
-    load_start = _loadavg()
+    load_start = loadavg()
     torch.set_num_threads(spec["threads"])
     sampler = _Sampler()
     sampler.start()
@@ -317,28 +309,18 @@ def run_one(spec: dict) -> dict:
         "param_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
         "threads": torch.get_num_threads(),
         "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
+        "loadavg_end": loadavg(),
     }
 
 
 # --------------------------------------------------------------------------- parent process
-def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def run_child(payload: dict, timeout: float, in_process: bool) -> dict:
     if in_process:  # one process for every row: a quick check, the memory numbers are then meaningless
         if payload.get("init"):
             make_base(payload, payload["base_dir"])
             return {"ok": True}
         return dict(run_one(payload), in_process=True)
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(payload)], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "stderr": proc.stderr[-4000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_fresh(__file__, payload, timeout, child_env(TOKENIZERS_PARALLELISM="false"))
 
 
 def base_spec(args) -> dict:
@@ -451,24 +433,7 @@ def print_table(results: dict, rows: list[str]) -> None:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "loadavg": _loadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        info["cpu"] = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), None)
-        flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
-        info["avx_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx")))
-    except OSError:
-        pass
-    import importlib.metadata as md
-
-    for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            info[name] = md.version(name)
-        except md.PackageNotFoundError:
-            info[name] = None
-    return info
+    return bench_machine(("torch", "transformers", "peft", "bitsandbytes"), cpu_flags=True)
 
 
 def parse_args(argv=None):
@@ -510,8 +475,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
     args = p.parse_args(argv)
-    problems = [f"--{k.replace('_', '-')}={getattr(args, k)} must be >= 1" for k in
-                ("warmup", "steps", "threads", "repeats", "batch", "r") if getattr(args, k) < 1]
+    problems = below_one(args, ("warmup", "steps", "threads", "repeats", "batch", "r"))
     if args.seq < 2:
         problems.append(f"--seq={args.seq} must be >= 2 (the loss predicts the next token)")
     if problems:
@@ -559,7 +523,7 @@ def main(argv=None) -> int:
     results = {k: _combine(v) for k, v in collected.items()}
     print()
     print_table(results, args.rows)
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     print(f"\nload average at start {info['loadavg']}, at end {info['loadavg_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -45,14 +45,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import below_one, child_env, loadavg, machine as bench_machine, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -82,14 +82,6 @@ def _rss_now_mb() -> float:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # KiB on Linux
-
-
-def _loadavg() -> list[str] | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[:3]
-    except OSError:
-        return None
 
 
 def _import_everything() -> None:
@@ -324,7 +316,7 @@ def run_one(spec: dict) -> dict:
 
     _import_everything()
     imports_mb = _rss_now_mb()
-    load_start = _loadavg()
+    load_start = loadavg()
     torch.set_num_threads(spec["threads"])
     if spec.get("no_onednn"):  # peftkit's large fp32 matmuls then run on torch.mm (MKL), as peft's do
         torch.backends.mkldnn.enabled = False
@@ -359,16 +351,11 @@ def run_one(spec: dict) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "threads": torch.get_num_threads(),
         "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
+        "loadavg_end": loadavg(),
     }
 
 
 # --------------------------------------------------------------------------- parent process
-def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def run_child(payload: dict, timeout: float, in_process: bool = False) -> dict:
     if in_process:  # --in-process: no fresh process (a quick check; peak RSS is then cumulative)
         import traceback
@@ -380,12 +367,7 @@ def run_child(payload: dict, timeout: float, in_process: bool = False) -> dict:
             return dict(run_one(payload), in_process=True)
         except Exception as e:  # noqa: BLE001 - reported like a failed child
             return {"error": f"{type(e).__name__}: {e}", "stderr": traceback.format_exc()[-4000:]}
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(payload)], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "stderr": proc.stderr[-4000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_fresh(__file__, payload, timeout, child_env(TOKENIZERS_PARALLELISM="false"))
 
 
 def width_spec(args, width: str) -> dict:
@@ -503,21 +485,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "loadavg": _loadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    import importlib.metadata as md
-
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
-        try:
-            info[name] = md.version(name)
-        except md.PackageNotFoundError:
-            info[name] = None
-    return info
+    return bench_machine(("torch", "transformers", "peft", "trl", "accelerate", "datasets"))
 
 
 def parse_args(argv=None):
@@ -551,9 +519,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON)
     args = p.parse_args(argv)
-    problems = [f"--{k.replace('_', '-')}={getattr(args, k)} must be >= 1" for k in
-                ("warmup", "steps", "threads", "repeats", "b_layers", "seq", "batch")
-                if getattr(args, k) is not None and getattr(args, k) < 1]
+    problems = below_one(args, ("warmup", "steps", "threads", "repeats", "b_layers", "seq", "batch"))
     if problems:
         p.error("; ".join(problems))
     return args
@@ -603,7 +569,7 @@ def main(argv=None) -> int:
     rows = table_rows(results, args)
     print()
     print_table(rows)
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     print(f"\nload average at start {info['loadavg']}, at end {info['loadavg_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows}, indent=2))

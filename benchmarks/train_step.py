@@ -42,10 +42,11 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import below_one, child_env, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -261,13 +262,7 @@ def _label(spec: dict) -> str:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "stderr": proc.stderr[-4000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_fresh(__file__, spec, timeout, child_env())
 
 
 def _combine(spec_runs: list[dict]) -> dict:
@@ -411,9 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) and print JSON
     args = p.parse_args(argv)
-    problems = [f"--{k}={getattr(args, k)} must be >= 1" for k in
-                ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch", "r", "steps", "threads", "repeats")
-                if getattr(args, k) < 1]
+    problems = below_one(args, ("hidden", "layers", "heads", "intermediate", "vocab", "seq", "batch", "r", "steps",
+                                "threads", "repeats"))
     if args.warmup < 0:
         problems.append(f"--warmup={args.warmup} must be >= 0")
     if args.hidden % args.heads:
