@@ -9,6 +9,15 @@ from ..checkpoint import SavedAdapterLayer, copy_checked
 from . import quantized_base
 
 
+def row_groups(adapter_names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """A mixed-adapter batch's rows by adapter: (name, indices of its rows) per distinct name, in
+    order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        groups.setdefault(name, []).append(row)
+    return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
+
+
 class AdapterLayer(SavedAdapterLayer):
     """Wraps a frozen module and adds parameters for one or more named adapters.
 
@@ -227,13 +236,9 @@ class ModulesToSaveWrapper(AdapterLayer):
         if len(x) != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch reaching "
                              f"{type(self.base_layer).__name__} has {len(x)} rows; give one name per row")
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            groups.setdefault(name, []).append(row)
         result = None
-        for name, rows in groups.items():
+        for name, index in row_groups(adapter_names, x.device):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.base_layer
-            index = torch.tensor(rows, device=x.device)
             out = module(x[index], *args, **kwargs)
             if result is None:
                 result = out.new_empty((len(x),) + tuple(out.shape[1:]))

@@ -12,15 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..base import row_groups
+
 BASE = "__base__"
-
-
-def row_groups(adapter_names: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
-    """(adapter name, indices of its rows) per distinct name, in order of first appearance."""
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(adapter_names):
-        groups.setdefault(name, []).append(row)
-    return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
 
 
 def check_rows(layer: nn.Module, x: torch.Tensor, adapter_names: list[str]) -> None:
