@@ -15,9 +15,10 @@ batches:
                        load_in_4bit, nf4, compute bf16))` + `peft.prepare_model_for_kbit_training`
                        (freeze, every non-4-bit parameter to fp32, input grads, checkpointing):
                        the QLoRA recipe as peft documents it
-      peftkit          `peftkit.recipe.quantization.load_quantized_model` (the same transformers
-                       load, then gives back the loading memory) + gradient checkpointing, no fp32
-                       upcast (peftkit's own recipe: the norms, embeddings and head stay bf16)
+      peftkit          `peftkit.recipe.quantization.load_quantized_model` (transformers' quantizing
+                       load fed weight by weight: each read, quantized and freed; glibc told to give
+                       freed buffers >= 1 MiB back) + gradient checkpointing, no fp32 upcast
+                       (peftkit's own recipe: the norms, embeddings and head stay bf16)
       peftkit+prepare  `load_quantized_model` + peftkit's `prepare_model_for_kbit_training`
                        (peft's recipe, fp32 upcast included: the same computation as peft's row)
   base bf16   the same checkpoint unquantized, gradient checkpointing, no upcast:

@@ -245,3 +245,65 @@ def test_the_input_gradient_through_a_4bit_layer_is_the_layers_own(base_dir, kin
     assert out.grad_fn is not None and type(out.grad_fn).__name__.startswith("_DequantizingBackward")
     out.pow(2).sum().backward()
     torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4-double"])
+@pytest.mark.parametrize("rows_bytes", [512 << 10, 4096])
+def test_a_training_pass_through_a_4bit_layer_computes_the_layers_own_output(base_dir, kind, rows_bytes,
+                                                                             monkeypatch):
+    """In training the weight is dequantized a few rows at a time in both passes (small scratch);
+    the output is bit for bit the layer's own, the input gradient the layer's own to rounding."""
+    from peftkit.methods import quantized_base
+
+    monkeypatch.setattr(quantized_base, "_ROWS_BYTES", rows_bytes)  # 4096: 16 rows per step, many steps
+    model = load_quantized_model(base_dir, BASES[kind][0], dtype=torch.bfloat16)
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        layer = model.get_submodule(name).train()
+        x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(4), dtype=torch.bfloat16,
+                        requires_grad=True)
+        expected = layer(x)
+        expected.float().pow(2).sum().backward()
+        expected_grad, x.grad = x.grad, None
+        out = quantized_base.forward(layer, x)
+        assert torch.equal(out, expected)
+        with torch.no_grad():
+            assert torch.equal(quantized_base.forward(layer, x), expected)  # the no-grad training pass too
+        out.float().pow(2).sum().backward()
+        torch.testing.assert_close(x.grad, expected_grad, rtol=0.02, atol=0.02 * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4-double", "int8"])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_loading_reads_and_quantizes_what_transformers_does(tmp_path, kind, shards):
+    """`load_quantized_model` feeds transformers' quantizing load the checkpoint weight by weight
+    (read, quantize, free); the model is the one transformers' own from_pretrained makes."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.recipe.quantization import _quantization_config
+
+    model = llama(seed=1, hidden_size=64, intermediate_size=128).to(torch.bfloat16)
+    size = sum(p.numel() * 2 for p in model.parameters())
+    model.save_pretrained(tmp_path, max_shard_size=size // shards + 1 if shards > 1 else "5GB")
+    assert (len(list(tmp_path.glob("*.safetensors"))) > 1) == (shards > 1)
+    config = QuantizationConfig(**BASES[kind][0], compute_dtype="bf16")
+    ours = load_quantized_model(str(tmp_path), config, dtype=torch.bfloat16)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_quantization_config(
+        config, torch.bfloat16), dtype=torch.bfloat16, device_map="cpu")
+    ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
+    assert ours_state.keys() == theirs_state.keys()
+    for key, value in theirs_state.items():
+        assert ours_state[key].dtype == value.dtype and torch.equal(ours_state[key], value), key
+    assert quantized_layers(ours) == quantized_layers(theirs) and len(quantized_layers(ours)) == 14
+    torch.testing.assert_close(logits(ours.eval()), logits(theirs.eval()), rtol=0, atol=0)
+    assert ours.name_or_path == ours.config._name_or_path == str(tmp_path)
+    assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+
+
+def test_loading_returns_freed_buffers_to_the_system_unless_told_not_to(base_dir, monkeypatch):
+    from peftkit.recipe import quantization
+
+    calls = []
+    monkeypatch.setattr(quantization, "return_freed_buffers_to_system", lambda: calls.append(1) or True)
+    load_quantized_model(base_dir, {"bits": 4})
+    load_quantized_model(base_dir, {"bits": 4}, return_freed_buffers=False)
+    assert calls == [1]

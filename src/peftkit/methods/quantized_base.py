@@ -128,34 +128,98 @@ def restore_weight(module: nn.Module, taken: tuple) -> None:
         module.weight.CB, module.weight.SCB = taken[1], taken[2]  # forward moves them into state again
 
 
+# Dequantized rows per step of a 4-bit product by rows: uniform scratch, below the 1 MiB from which
+# `recipe.quantization.return_freed_buffers_to_system` has glibc map buffers afresh.
+_ROWS_BYTES = 512 << 10
+
+
+def _bnb_4bit_rows(module: nn.Module, dtype: torch.dtype):
+    """(start, stop, rows) over a bitsandbytes 4-bit layer's weight, dequantized into `dtype`
+    `_ROWS_BYTES` of rows at a time: the values bitsandbytes' own forward multiplies by, without a
+    full-size temporary per call."""
+    import math
+
+    import bitsandbytes.functional as bnbf
+
+    weight = module.weight
+    state = weight.quant_state
+    out_features, in_features = state.shape
+    absmax = state.absmax
+    if state.nested:  # double quantization: the block scales are themselves 8-bit
+        absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    # a step holds whole blocks of `blocksize` weights and whole bytes (two weights each)
+    unit = math.lcm(state.blocksize // math.gcd(in_features, state.blocksize), 2 // math.gcd(in_features, 2))
+    step = max(unit, _ROWS_BYTES // (in_features * dtype.itemsize) // unit * unit)
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    for start in range(0, out_features, step):
+        stop = min(out_features, start + step)
+        first, last = start * in_features, stop * in_features
+        rows_state = bnbf.QuantState(absmax=absmax[first // state.blocksize: -(-last // state.blocksize)],
+                                     shape=torch.Size((stop - start, in_features)), code=state.code,
+                                     blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype)
+        yield start, stop, bnbf.dequantize_4bit(packed[first // 2: (last + 1) // 2].view(-1, 1), rows_state)
+
+
+def _chunked_4bit_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes' Linear4bit.forward computes (x in the compute dtype times the weight
+    dequantized into it, plus bias, back to x's dtype), a few output columns at a time."""
+    dtype = module.compute_dtype or x.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    bias = None if module.bias is None else module.bias.to(dtype)
+    out = x2.new_empty(x2.shape[0], module.out_features)
+    for start, stop, rows in _bnb_4bit_rows(module, dtype):
+        out[:, start:stop] = torch.nn.functional.linear(x2, rows, None if bias is None else bias[start:stop])
+    return out.view(*x.shape[:-1], module.out_features).to(x.dtype)
+
+
+def _by_rows(module: nn.Module, x: torch.Tensor) -> bool:
+    """Dequantize a few rows at a time: bitsandbytes 4-bit layers on the CPU, where glibc keeps
+    freed full-size weight temporaries (tens of MB, sizes varying by layer) in a fragmenting heap.
+    A GPU's caching allocator reuses them; there the library's own fused kernels run, and so they
+    do on a weight bitsandbytes has repacked for AVX512-BF16 CPUs (another byte order)."""
+    return (x.device.type == "cpu" and quantized_format(module) == BNB_4BIT
+            and not getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+
+
 class _DequantizingBackward(torch.autograd.Function):
     """A 4-bit layer's own forward, and an input gradient g @ W from its weight dequantized in
     backward (nothing kept between the passes, as bitsandbytes' and torchao's own backward):
     through `kernels.linear_nt`, whose 16-bit product is ~70x faster than theirs on CPUs without
-    native bf16 GEMMs (they multiply a row-major g by a row-major W)."""
+    native bf16 GEMMs (they multiply a row-major g by a row-major W). bitsandbytes layers are
+    dequantized a few rows at a time in both passes (`_bnb_4bit_rows`), and the gradient's
+    partial products summed in fp32."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         ctx.module, ctx.x_dtype = module, x.dtype
         with torch.no_grad():
-            return module(x)
+            return _chunked_4bit_forward(module, x) if _by_rows(module, x) else module(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         from ..kernels._gemm import linear_nt
 
         g = grad.reshape(-1, grad.shape[-1])
-        weight = dequantized_weight(ctx.module, g.dtype)  # [out, in]
-        grad_x = linear_nt(g, weight.t())
+        if _by_rows(ctx.module, g):
+            grad_x = g.new_zeros(g.shape[0], ctx.module.in_features, dtype=torch.float32)
+            for start, stop, rows in _bnb_4bit_rows(ctx.module, g.dtype):
+                grad_x += linear_nt(g[:, start:stop], rows.t())
+        else:
+            weight = dequantized_weight(ctx.module, g.dtype)  # [out, in]
+            grad_x = linear_nt(g, weight.t())
         return grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype), None
 
 
 def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for a frozen quantized layer, with the faster input gradient for 4-bit
-    layers (`_DequantizingBackward`); 8-bit layers (LLM.int8's own backward) run as they are."""
+    layers (`_DequantizingBackward`); 8-bit layers (LLM.int8's own backward) run as they are. In
+    training a bitsandbytes 4-bit layer on the CPU computes by rows (`_by_rows`): the same output,
+    bit for bit."""
     if (quantized_format(module) in (BNB_4BIT, TORCHAO_NF4) and torch.is_grad_enabled() and x.requires_grad
             and not any(p.requires_grad for p in module.parameters())):
         return _DequantizingBackward.apply(x, module)
+    if module.training and _by_rows(module, x):
+        return _chunked_4bit_forward(module, x)
     return module(x)
 
 
