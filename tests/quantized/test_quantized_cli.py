@@ -59,6 +59,37 @@ def test_eval_and_merge_use_the_quantized_base_the_adapter_was_trained_on(qlora_
     assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in merged.parameters())
 
 
+def test_merge_can_requantize_and_reports_what_the_rounding_costs(qlora_run, tmp_path, capsys):
+    """`merge --requantize` writes a 4-bit folder; the reload equals the requantized model, and the
+    report gives its difference to the adapter model, which must match a recomputation."""
+    from transformers import AutoModelForCausalLM
+
+    import peftkit
+    from peftkit.recipe.loading import load_adapter
+    from peftkit.recipe.merge import parity_inputs
+
+    out = tmp_path / "requantized"
+    assert main(["merge", str(qlora_run), "--out", str(out), "--requantize"]) == 0
+    printed = capsys.readouterr().out
+    assert "parity OK: max |reloaded - requantized| output difference 0 " in printed
+    reported = float(printed.split("max |requantized - adapter| output difference ")[1].split()[0])
+    loaded = load_adapter(str(qlora_run), None, dtype="fp32")
+    inputs = parity_inputs(loaded)
+    with torch.no_grad():
+        adapter = [loaded.model(**batch).logits for batch in inputs]
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert type(reloaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+        requantized = [reloaded(**batch).logits for batch in inputs]
+    expected = max(float((a - b).abs().max()) for a, b in zip(adapter, requantized))
+    assert 0 < expected and reported == pytest.approx(expected, rel=1e-2)
+    assert isinstance(loaded.model, peftkit.PeftModel)
+
+
+def test_requantize_is_refused_where_it_does_not_apply(qlora_run, llama_dir, tmp_path, capsys):
+    assert main(["merge", str(qlora_run), "--out", str(tmp_path / "a"), "--requantize", "--dtype", "bf16"]) != 0
+    assert "--requantize writes the quantized layers in their own format; --dtype bf16" in capsys.readouterr().err
+
+
 def test_dry_run_reports_the_quantized_base_size(llama_dir, tmp_path, capsys):
     config = quantized_config(tmp_path, llama_dir, {"bits": 4})
     assert main(["train", config, "--dry-run"]) == 0
@@ -106,3 +137,17 @@ def test_an_8bit_optimizer_state_resumes_exactly(llama_dir, tmp_path, optimizer)
     assert main(["train", config, "--no-eval-before", "adapter.r=64", "train.resume_from=latest"]) == 0
     resumed = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_requantize_needs_an_adapter_trained_on_a_quantized_base(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import peftkit
+    from peftkit.recipe.merge import merge_adapter
+
+    model = peftkit.get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                                   peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="--requantize: the base of .* is not quantized"):
+        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "out"), requantize=True)
+    assert not (tmp_path / "out").exists()

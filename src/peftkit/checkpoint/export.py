@@ -39,6 +39,10 @@ class MergeReport:
     saved_tokenizer: bool
     weight_files: tuple[str, ...] = ()  # the safetensors files written (several: sharded, with an index)
     base_note: str | None = None  # what the base weights were, when not the checkpoint's as they are
+    # Requantized merges only: max |requantized - adapter| output difference, the rounding of the
+    # merged weights back to 4/8 bits (reported, not checked; max_abs_diff then compares the
+    # reloaded folder with the requantized model in memory).
+    requantized_diff: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -47,11 +51,17 @@ class MergeReport:
     def text(self) -> str:
         verdict = "parity OK" if self.ok else "PARITY FAILED"
         shards = f", {len(self.weight_files)} weight shards" if len(self.weight_files) > 1 else ""
-        return (f"merged model written to {self.out_dir} ({self.dtype}"
+        head = (f"merged model written to {self.out_dir} ({self.dtype}"
                 f"{', with tokenizer' if self.saved_tokenizer else ', no tokenizer'}{shards})\n"
-                + (f"base: {self.base_note}\n" if self.base_note else "")
-                + f"{verdict}: max |merged - adapter| output difference {self.max_abs_diff:.3g} over "
-                f"{self.num_inputs} inputs (tolerance {self.tolerance:.3g})")
+                + (f"base: {self.base_note}\n" if self.base_note else ""))
+        if self.requantized_diff is None:
+            return head + (f"{verdict}: max |merged - adapter| output difference {self.max_abs_diff:.3g} over "
+                           f"{self.num_inputs} inputs (tolerance {self.tolerance:.3g})")
+        return head + (f"requantized: max |requantized - adapter| output difference {self.requantized_diff:.3g} "
+                       f"({self.requantized_diff / self.reference_scale:.1%} of the largest output; the rounding of "
+                       f"the merged weights, not checked)\n"
+                       f"{verdict}: max |reloaded - requantized| output difference {self.max_abs_diff:.3g} over "
+                       f"{self.num_inputs} inputs (tolerance {self.tolerance:.3g})")
 
 
 def first_nonfinite(tensors: Any) -> str | None:
@@ -71,13 +81,16 @@ def first_nonfinite(tensors: Any) -> str | None:
 @torch.no_grad()
 def export_merged(peft_model: Any, out_dir: str, inputs: list[dict[str, torch.Tensor]], *, tokenizer: Any = None,
                   dtype: torch.dtype | None = None, tolerance: float | None = None,
-                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> MergeReport:
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, requantize: bool = False) -> MergeReport:
     """Merge the active adapter of `peft_model` (consumed), save to `out_dir`, reload, compare.
 
     inputs: model keyword arguments (e.g. input_ids [1, T]) run through both models.
     dtype: the saved weights' dtype (default: the model's). tolerance: relative to the largest
     reference output (default by dtype, see `_TOLERANCE`). max_shard_size: weights above it are
     split into shards plus `model.safetensors.index.json` (bytes, or a string like "5GB").
+    requantize: a quantized base's merged layers are quantized again in their format and saved
+    so (`merge_and_unload(requantize=True)`); the reload is then compared with that model, and
+    its difference to the adapter model reported (`MergeReport.requantized_diff`).
     Refuses (NonFiniteWeightsError, nothing written) when an adapter tensor or a merged weight is
     NaN / Inf. The folder appears whole or not at all: it is built beside `out_dir` and renamed.
     """
@@ -88,7 +101,11 @@ def export_merged(peft_model: Any, out_dir: str, inputs: list[dict[str, torch.Te
         raise NonFiniteWeightsError(f"the adapter holds non-finite values in {bad}; merging it would write NaN/Inf "
                                     f"weights, so nothing was written. Retrain or repair the adapter")
     references = [_output(peft_model, batch) for batch in inputs]
-    merged = merged_model(peft_model, dtype)
+    merged = merged_model(peft_model, dtype, requantize=requantize)
+    requantized_diff = None
+    if requantize:
+        adapter_outputs, references = references, [_output(merged, batch) for batch in inputs]
+        requantized_diff = max((float((a - b).abs().max()) for a, b in zip(adapter_outputs, references)), default=0.0)
     saved_dtype = next(merged.parameters()).dtype
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -108,14 +125,14 @@ def export_merged(peft_model: Any, out_dir: str, inputs: list[dict[str, torch.Te
     relative = tolerance if tolerance is not None else _TOLERANCE.get(saved_dtype, 5e-2)
     files = tuple(sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors")))
     return MergeReport(out_dir, diff, relative * scale, scale, len(inputs), str(saved_dtype).replace("torch.", ""),
-                       tokenizer is not None, files)
+                       tokenizer is not None, files, requantized_diff=requantized_diff)
 
 
 @torch.no_grad()
-def merged_model(peft_model: Any, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """`peft_model.merge_and_unload()` (consumes it), cast to `dtype`, refused when any merged
-    weight is NaN / Inf (e.g. a finite delta that overflows float16)."""
-    merged = peft_model.merge_and_unload()
+def merged_model(peft_model: Any, dtype: torch.dtype | None = None, requantize: bool = False) -> torch.nn.Module:
+    """`peft_model.merge_and_unload(requantize=...)` (consumes it), cast to `dtype`, refused when
+    any merged weight is NaN / Inf (e.g. a finite delta that overflows float16)."""
+    merged = peft_model.merge_and_unload(requantize=True) if requantize else peft_model.merge_and_unload()
     if dtype is not None:
         merged = merged.to(dtype)
     bad = first_nonfinite(merged.state_dict().items())

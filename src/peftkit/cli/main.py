@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="parity tolerance relative to the largest output")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="split the weights into shards with an index above this size (default 5GB)")
+    p.add_argument("--requantize", action="store_true",
+                   help="adapter trained on a quantized base: quantize the merged layers again (a 4/8-bit model "
+                        "folder) instead of writing them plain")
 
     p = sub.add_parser("export", help="write an adapter for llama.cpp (GGUF), or check it loads in vLLM / SGLang",
                        description="--to gguf: the adapter as a llama.cpp LoRA file; --to gguf-merged: the merged "
@@ -148,7 +151,7 @@ def _merge(args: argparse.Namespace) -> int:
     from ..recipe import merge_adapter
 
     report = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, tolerance=args.tolerance,
-                           max_shard_size=args.max_shard_size)
+                           max_shard_size=args.max_shard_size, requantize=args.requantize)
     print(report.text())
     return 0 if report.ok else EXIT_PROBLEM
 

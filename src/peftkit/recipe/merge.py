@@ -20,7 +20,8 @@ PARITY_TEXTS = (
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dtype: str = "auto",
-                  tolerance: float | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> MergeReport:
+                  tolerance: float | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                  requantize: bool = False) -> MergeReport:
     """Merge the adapter into its base (`base`, else the adapter's base_model_name_or_path) and
     write `out_dir`: weights (sharded with an index above `max_shard_size`, e.g. "5GB"), config,
     generation config, and the tokenizer with its chat template as trained (the one saved beside
@@ -28,17 +29,30 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dt
 
     dtype: of the saved weights; auto keeps the base checkpoint's dtype. The merge itself runs
     in fp32 so that 16-bit bases round only once. NaN / Inf adapter or merged weights are refused.
+    requantize: an adapter trained on a quantized base is merged into the dequantized layers and
+    each is quantized again in its format (a 4/8-bit model folder); the report gives what that
+    rounding costs against the adapter model.
     """
     if dtype not in MERGE_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not accepted; accepted: {', '.join(MERGE_DTYPES)}")
+    if requantize and dtype != "auto":
+        raise ValueError(f"--requantize writes the quantized layers in their own format; --dtype {dtype} applies to "
+                         f"a plain merge (leave --dtype out)")
     shard_bytes = parse_size(max_shard_size)
     loaded = load_adapter(adapter_dir, base, dtype="fp32")
-    target = _checkpoint_dtype(loaded.base_path) if dtype == "auto" else {
-        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     quantized = quantized_layers(loaded.model.get_base_model())
+    if requantize and not quantized:
+        raise ValueError(f"--requantize: the base of {adapter_dir!r} is not quantized (its run_config.yaml has no "
+                         f"model.quantization); a plain merge writes it as it is")
+    target = None if requantize else _checkpoint_dtype(loaded.base_path) if dtype == "auto" else {
+        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     report = export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
-                           tolerance=tolerance, max_shard_size=shard_bytes)
-    if quantized:  # run_config.yaml's model.quantization: the base the adapter was trained on
+                           tolerance=tolerance, max_shard_size=shard_bytes, requantize=requantize)
+    if requantize:
+        kinds = ", ".join(sorted(set(quantized.values())))
+        report.base_note = (f"the {len(quantized)} quantized layers ({kinds}) the adapter was trained on, merged and "
+                            f"quantized again")
+    elif quantized:  # run_config.yaml's model.quantization: the base the adapter was trained on
         kinds = ", ".join(sorted(set(quantized.values())))
         report.base_note = (f"the {len(quantized)} quantized layers ({kinds}) the adapter was trained on, "
                             f"dequantized (the other layers as in the checkpoint); parity is against that model")
