@@ -433,3 +433,16 @@ def _trl_fused_lm_head() -> None:
     _expect(_params(sft_trainer.add_fused_lm_head)[:1] == ["model"],
             f"add_fused_lm_head parameters are {_params(sft_trainer.add_fused_lm_head)}")
     _expect("add_fused_lm_head(" in _source_of("trl.trainer.sft_trainer"), "SFTTrainer no longer calls add_fused_lm_head")
+
+
+@_api("trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE", "trl",
+      "the fused lm-head's forward passes this module global (tokens per chunk) to its chunked log-prob function "
+      "at each call; peftkit's SFTTrainer sets it around compute_loss to chunks sized by memory",
+      "src/peftkit/integrations/trl.py", optional=True)
+def _trl_logprob_chunk_size() -> None:
+    from trl.trainer import utils
+
+    _expect(isinstance(getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int),
+            "trl.trainer.utils has no int _CHUNKED_LOGPROB_CHUNK_SIZE")
+    _expect("_CHUNKED_LOGPROB_CHUNK_SIZE," in _source_of("trl.trainer.utils"),
+            "the fused lm-head no longer passes _CHUNKED_LOGPROB_CHUNK_SIZE to its chunked function")

@@ -46,7 +46,14 @@ def losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_trains_like_trl_with_peft_and_saves_only_the_adapter(tmp_path, tokenizer):
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_trains_like_trl_with_peft_and_saves_only_the_adapter(tmp_path, tokenizer, chunk_rows, monkeypatch):
+    """chunk_rows: TRL's fused lm-head scores the tokens in chunks peftkit sizes by memory (a
+    single chunk at this size; 3 tokens per chunk forces many): the same losses either way."""
+    from trl.trainer import utils as trl_utils
+
+    import peftkit.integrations.trl as peftkit_trl
+
     data = Dataset.from_list(CHAT_ROWS)
     lora = dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     # peft's run, from an adapter with non-zero B (so every step's loss depends on both factors)
@@ -60,6 +67,12 @@ def test_trains_like_trl_with_peft_and_saves_only_the_adapter(tmp_path, tokenize
                                   processing_class=tokenizer)
     peft_trainer.train()
 
+    chunks = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda *args: chunks.append(args[5]) or apply(*args))
+    if chunk_rows is not None:
+        monkeypatch.setattr(peftkit_trl, "auto_chunk_rows", lambda vocab, rows: chunk_rows)
     model = PeftModel.from_pretrained(tiny_llama(tokenizer), str(tmp_path / "init"), is_trainable=True)
     trainer = SFTTrainer(model=model, args=sft_args(tmp_path / "peftkit"), train_dataset=data,
                          processing_class=tokenizer)
@@ -72,6 +85,8 @@ def test_trains_like_trl_with_peft_and_saves_only_the_adapter(tmp_path, tokenize
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-4, atol=0)
     assert got[-1] < got[0]
     assert any("mean_token_accuracy" in h for h in trainer.state.log_history)  # TRL's fused metrics ran
+    assert chunks and 32768 not in chunks and (chunk_rows is None or set(chunks) == {chunk_rows})
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 32768  # TRL's own setting is back after each call
 
     checkpoint = tmp_path / "peftkit" / f"checkpoint-{STEPS}"
     names = set(os.listdir(checkpoint))

@@ -14,7 +14,9 @@ from typing import Any, Iterator
 
 import trl
 from trl.trainer import sft_trainer as _sft_module
+from trl.trainer import utils as _trl_utils
 
+from ..kernels.cross_entropy import auto_chunk_rows
 from ..model import PeftModel
 from .trainer import AdapterCheckpoints, _require_peft_model
 
@@ -31,6 +33,29 @@ class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
         with _fused_head_inside_the_wrapper():
             super().__init__(model, *args, **kwargs)
         self._require_unsharded()
+
+    def compute_loss(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        """TRL's loss, its fused lm-head scoring the tokens in chunks sized by memory as peftkit's
+        own chunked loss is (`kernels.cross_entropy.auto_chunk_rows`), not TRL's 32768 tokens per
+        chunk: at 1024 tokens x 32k vocabulary that one chunk held the fp32 logits, log-probs and
+        entropy of the whole batch at once (+1.4 GB here). The same values, chunk by chunk."""
+        labels = inputs.get("labels")
+        if labels is None:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        with _logprob_chunk_rows(auto_chunk_rows(vocab, labels.numel())):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _logprob_chunk_rows(rows: int) -> Iterator[None]:
+    """TRL's fused lm-head reads its tokens-per-chunk from a module global at each call."""
+    original = _trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    _trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = rows
+    try:
+        yield
+    finally:
+        _trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = original
 
 
 @contextlib.contextmanager
