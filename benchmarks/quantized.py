@@ -210,7 +210,7 @@ def load_row(spec: dict):
 
 
 def apply_diagnostics(spec: dict) -> None:
-    """The `--diagnose-*` changes (README: "Why the targets are missed"), applied in this process
+    """The `--diagnose-*` changes (benchmarks/README.md: "Why the targets were missed at c086e38"), applied in this process
     to whichever rows run with them: not what either library does today."""
     import ctypes
 
