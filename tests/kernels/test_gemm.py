@@ -48,10 +48,37 @@ def test_linear_nt_matches_mm(transposed, bias, rows):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_linear_nt_bf16_is_torch_mm():
+def test_linear_nt_bf16_is_torch_mm_or_its_fp32_arithmetic():
+    """Where the CPU multiplies bf16 natively linear_nt is torch.mm; elsewhere the same product
+    in fp32 (exact upcast, fp32 accumulation, one rounding): what torch's bf16 kernel computes,
+    5-10x faster on MKL."""
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(N, IN, generator=g).bfloat16(), torch.randn(OUT, IN, generator=g).bfloat16()
-    assert torch.equal(_gemm.linear_nt(x, w), torch.mm(x, w.t()))
+    got = _gemm.linear_nt(x, w)
+    if _gemm.slow_16bit_gemm(x):
+        assert torch.equal(got, torch.mm(x.float(), w.float().t()).bfloat16())
+        torch.testing.assert_close(got, torch.mm(x, w.t()), rtol=0, atol=2 ** -7 * got.abs().max().item())
+    else:
+        assert torch.equal(got, torch.mm(x, w.t()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_16bit_products_in_fp32_upcast_a_block_of_the_weight_at_a_time(dtype, transposed, monkeypatch):
+    """Past UPCAST_BLOCK_BYTES the weight is upcast in blocks (output columns, or the summed
+    dimension accumulated in fp32): the product is the one-block product up to summation order."""
+    monkeypatch.setattr(_gemm, "native_16bit_gemm", lambda dtype: False)  # the fp32 route on any CPU
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(N, IN, generator=g).to(dtype)
+    w = (torch.randn(IN, OUT, generator=g).t() if transposed else torch.randn(OUT, IN, generator=g)) / IN**0.5
+    w, b = w.to(dtype), torch.randn(OUT, generator=g).to(dtype)
+    whole = _gemm.linear_nt(x, w, b)
+    want = (x.double() @ w.double().t() + b.double())
+    torch.testing.assert_close(whole.double(), want, rtol=0, atol=2 ** -7 * want.abs().max().item())
+    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 37 * max(IN, OUT))  # 37 rows a block: 7 blocks
+    blocked = _gemm.linear_nt(x, w, b)
+    assert blocked.dtype == dtype and blocked.shape == (N, OUT) and blocked.is_contiguous()
+    torch.testing.assert_close(blocked.double(), whole.double(), rtol=0, atol=2 ** -7 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -143,9 +170,8 @@ def test_onednn_route_traces_under_torch_compile():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_nt_16bit_through_a_transposed_weight_matches_mm(dtype):
-    """g @ W (the input gradient through a linear layer): on CPUs without native 16-bit GEMMs x
-    is made column-major first (torch's row-major x row-major 16-bit kernel is ~70x slower);
-    the product is the same up to summation order."""
+    """g @ W (the input gradient through a linear layer), which torch's row-major x row-major
+    16-bit CPU kernel runs ~70x slower: the product is the same up to summation order."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(N, OUT, generator=g).to(dtype)
     w = (torch.randn(OUT, IN, generator=g) / OUT**0.5).to(dtype)  # [out, in]; linear_nt(x, w.t()) = x @ w

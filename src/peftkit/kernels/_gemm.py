@@ -1,5 +1,7 @@
 """The large matmuls of the fast paths: x @ weightᵀ (+ bias), with the fastest exact CPU GEMM.
 
+16-bit products on CPUs without native bf16 / fp16 GEMMs run in fp32 (`linear_nt`).
+
 On x86 CPUs, torch's fp32 `mm` calls MKL's sgemm, which runs its AVX2 code on non-Intel CPUs
 (measured on an AMD EPYC with AVX-512: ~100 GFLOP/s per core); oneDNN's fp32 matmul, which torch
 also ships, uses AVX-512 there (~230 GFLOP/s, benchmarks/README.md). Without AVX-512 oneDNN has
@@ -15,7 +17,7 @@ import platform
 import torch
 from torch import Tensor
 
-__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available"]
+__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "slow_16bit_gemm"]
 
 
 def _onednn_fp32() -> bool:
@@ -73,20 +75,53 @@ def native_16bit_gemm(dtype: torch.dtype) -> bool:
     return native
 
 
+def slow_16bit_gemm(x: Tensor) -> bool:
+    """Whether `x` is a bf16 / fp16 CPU tensor on a CPU without native GEMMs for it (where
+    `linear_nt` multiplies in fp32)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and not native_16bit_gemm(x.dtype))
+
+
+# fp32 copies of a 16-bit weight made at a time by `_via_fp32` (bounded scratch for any weight)
+UPCAST_BLOCK_BYTES = 16 << 20
+
+
+def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weightᵀ (+ bias) for 16-bit CPU operands, computed in fp32 and rounded once to x's
+    dtype: the arithmetic of torch's 16-bit CPU GEMM (exact upcast, fp32 accumulation), on MKL's
+    sgemm. The weight is upcast a block of rows (of the stored, contiguous matrix) at a time."""
+    x32 = x.float()
+    out_features, in_features = weight.shape
+    if weight.numel() * 4 <= UPCAST_BLOCK_BYTES:
+        out = torch.mm(x32, weight.float().t())
+    elif weight.is_contiguous():  # [out, in] rows: blocks of output columns
+        out = x32.new_empty(x32.shape[0], out_features)
+        step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features))
+        for start in range(0, out_features, step):
+            out[:, start:start + step] = torch.mm(x32, weight[start:start + step].float().t())
+    else:  # a transposed view of a contiguous [in, out]: blocks of the summed dimension, accumulated
+        stored = weight.t()
+        out = x32.new_zeros(x32.shape[0], out_features)
+        step = max(1, UPCAST_BLOCK_BYTES // (4 * out_features))
+        for start in range(0, in_features, step):
+            out.addmm_(x32[:, start:start + step], stored[start:start + step].float())
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
 def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [N, in] @ weight[out, in]ᵀ + bias [out]: a new [N, out] tensor (weight may be a
     transposed view). Call without autograd (inside an autograd.Function).
 
-    A transposed-view weight (the input gradient through a linear layer: g @ W) in bf16 / fp16
-    on a CPU without native 16-bit GEMMs meets torch's slowest kernel: with x row-major too it
-    runs ~70x slower than with x column-major ([64, 5632] @ [5632, 2048] bf16, one thread: 5.7 s
-    vs 0.06 s). x is then copied column-major first (an [N, in] copy, small next to the weight);
-    the result differs only in summation order."""
-    if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and weight.dim() == 2
-            and weight.t().is_contiguous() and not weight.is_contiguous() and x.stride(-1) == 1
-            and not torch.compiler.is_compiling()):
-        if torch.backends.mkldnn.is_available() and not native_16bit_gemm(x.dtype):
-            x = x.t().contiguous().t()
+    bf16 / fp16 on a CPU without native 16-bit GEMMs: torch's 16-bit kernel there is a slow
+    fallback (one thread, this AVX2 EPYC: 9-10 GFLOP/s, and ~70x slower still for a row-major x
+    times a transposed-view weight, the input gradient g @ W), so the product runs in fp32 on
+    MKL (50-90 GFLOP/s) by `_via_fp32`: the same arithmetic, one rounding at the end (eager
+    only: a compiled graph keeps torch's kernel)."""
+    if (x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
+            and weight.dtype == x.dtype and weight.dim() == 2 and slow_16bit_gemm(x)):
+        return _via_fp32(x, weight, bias)
     if (
         x.dtype == torch.float32
         and weight.dtype == torch.float32

@@ -248,7 +248,8 @@ def _load_reading_quantized_weights(path: str, shards: list[str], model_class: A
 
 
 def _pread_file(shard: str, files: contextlib.ExitStack) -> Any:
-    """The shard opened with safetensors' pread backend (safetensors >= 0.7), or None without it."""
+    """The shard opened with safetensors' pread backend, or None where the installed safetensors
+    has none (its weights are then read through the map, as transformers does)."""
     from safetensors import safe_open
 
     try:
