@@ -75,9 +75,12 @@ def test_16bit_products_in_fp32_upcast_a_block_of_the_weight_at_a_time(dtype, tr
     whole = _gemm.linear_nt(x, w, b)
     want = (x.double() @ w.double().t() + b.double())
     torch.testing.assert_close(whole.double(), want, rtol=0, atol=2 ** -7 * want.abs().max().item())
-    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 37 * max(IN, OUT))  # 37 rows a block: 7 blocks
+    # 37 weight rows a block (7 blocks); x and the product in row blocks of 256: x has 2.5 of them
+    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 37 * max(IN, OUT))
+    x = torch.cat([x, x, x[: N // 2]])
+    whole = torch.cat([whole, whole, whole[: N // 2]])
     blocked = _gemm.linear_nt(x, w, b)
-    assert blocked.dtype == dtype and blocked.shape == (N, OUT) and blocked.is_contiguous()
+    assert blocked.dtype == dtype and blocked.shape == (x.shape[0], OUT) and blocked.is_contiguous()
     torch.testing.assert_close(blocked.double(), whole.double(), rtol=0, atol=2 ** -7 * want.abs().max().item())
 
 

@@ -82,32 +82,44 @@ def slow_16bit_gemm(x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and not native_16bit_gemm(x.dtype))
 
 
-# fp32 copies of a 16-bit weight made at a time by `_via_fp32` (bounded scratch for any weight)
+# fp32 scratch of `_via_fp32`: weight blocks, and row blocks of x and of the product
 UPCAST_BLOCK_BYTES = 16 << 20
 
 
 def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weightᵀ (+ bias) for 16-bit CPU operands, computed in fp32 and rounded once to x's
     dtype: the arithmetic of torch's 16-bit CPU GEMM (exact upcast, fp32 accumulation), on MKL's
-    sgemm. The weight is upcast a block of rows (of the stored, contiguous matrix) at a time."""
-    x32 = x.float()
+    sgemm. Bounded scratch: x and the product go through in row blocks, and a weight larger than
+    a block is upcast a block of its stored rows at a time (for each row block of x)."""
+    n, (out_features, in_features) = x.shape[0], weight.shape
+    whole = weight.float() if weight.numel() * 4 <= UPCAST_BLOCK_BYTES else None
+    bias32 = None if bias is None else bias.float()
+    out = x.new_empty(n, out_features)
+    step = max(256, UPCAST_BLOCK_BYTES // (4 * max(in_features, out_features)))
+    for start in range(0, n, step):
+        x32 = x[start:start + step].float()
+        y32 = torch.mm(x32, whole.t()) if whole is not None else _blocked_product(x32, weight)
+        if bias32 is not None:
+            y32 += bias32
+        out[start:start + step] = y32
+    return out
+
+
+def _blocked_product(x32: Tensor, weight: Tensor) -> Tensor:
+    """x32 @ weightᵀ in fp32 with the 16-bit weight upcast UPCAST_BLOCK_BYTES at a time."""
     out_features, in_features = weight.shape
-    if weight.numel() * 4 <= UPCAST_BLOCK_BYTES:
-        out = torch.mm(x32, weight.float().t())
-    elif weight.is_contiguous():  # [out, in] rows: blocks of output columns
+    if weight.is_contiguous():  # [out, in] rows: blocks of output columns
         out = x32.new_empty(x32.shape[0], out_features)
         step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features))
         for start in range(0, out_features, step):
             out[:, start:start + step] = torch.mm(x32, weight[start:start + step].float().t())
-    else:  # a transposed view of a contiguous [in, out]: blocks of the summed dimension, accumulated
-        stored = weight.t()
-        out = x32.new_zeros(x32.shape[0], out_features)
-        step = max(1, UPCAST_BLOCK_BYTES // (4 * out_features))
-        for start in range(0, in_features, step):
-            out.addmm_(x32[:, start:start + step], stored[start:start + step].float())
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype)
+        return out
+    stored = weight.t()  # a transposed view of a contiguous [in, out]: blocks of the summed dimension
+    out = x32.new_zeros(x32.shape[0], out_features)
+    step = max(1, UPCAST_BLOCK_BYTES // (4 * out_features))
+    for start in range(0, in_features, step):
+        out.addmm_(x32[:, start:start + step], stored[start:start + step].float())
+    return out
 
 
 def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
