@@ -194,9 +194,12 @@ def _safetensors_shards(path: str, kwargs: dict) -> list[str]:
         return []
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [str(folder / name) for name in shards] if all((folder / n).is_file() for n in shards) else []
+    if index.is_file():  # anything unexpected in it: transformers reads it and says what is wrong
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return []
+        return [str(folder / n) for n in shards] if shards and all((folder / n).is_file() for n in shards) else []
     single = folder / "model.safetensors"
     return [str(single)] if single.is_file() else []
 
