@@ -131,9 +131,7 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
         p = logits_cd.copy_(probs) if low else probs
         del logits, probs
         if want_h:
-            if via_fp32:
-                grad_h[start:end] = linear_nt(p, w.t())
-            elif low:
+            if low and not via_fp32:
                 torch.mm(p, w, out=grad_h[start:end])
             else:
                 grad_h[start:end] = linear_nt(p, w.t())

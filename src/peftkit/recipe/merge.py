@@ -48,14 +48,11 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dt
         "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     report = export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
                            tolerance=tolerance, max_shard_size=shard_bytes, requantize=requantize)
-    if requantize:
-        kinds = ", ".join(sorted(set(quantized.values())))
-        report.base_note = (f"the {len(quantized)} quantized layers ({kinds}) the adapter was trained on, merged and "
-                            f"quantized again")
-    elif quantized:  # run_config.yaml's model.quantization: the base the adapter was trained on
-        kinds = ", ".join(sorted(set(quantized.values())))
-        report.base_note = (f"the {len(quantized)} quantized layers ({kinds}) the adapter was trained on, "
-                            f"dequantized (the other layers as in the checkpoint); parity is against that model")
+    if quantized:  # run_config.yaml's model.quantization: the base the adapter was trained on
+        layers = f"the {len(quantized)} quantized layers ({', '.join(sorted(set(quantized.values())))})"
+        report.base_note = (f"{layers} the adapter was trained on, merged and quantized again" if requantize else
+                            f"{layers} the adapter was trained on, dequantized (the other layers as in the "
+                            f"checkpoint); parity is against that model")
     return report
 
 
