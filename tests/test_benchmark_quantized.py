@@ -30,13 +30,14 @@ def test_quantized_benchmark_runs_every_row_with_matching_losses(tmp_path):
         # 2 * 16 * ((64+64) + 2*(64+32) + (64+64) + 2*(64+128) + (128+64)) = 32768
         assert r["trainable_params"] == 32768, key
         assert r["trainable_dtypes"] == ["float32"], key
-    # peft's QLoRA recipe and peftkit's prepare_model_for_kbit_training compute the same thing
-    # (same bitsandbytes layers, norms/embeddings/head upcast to fp32 on both sides): only the
-    # order of the adapter branch's sums differs. Measured: equal within 1e-6; 1e-4 leaves room for
-    # summation order on other CPUs.
+    # peft's QLoRA recipe and peftkit's prepare_model_for_kbit_training compute the same forward
+    # (same bitsandbytes layers, norms/embeddings/head upcast to fp32 on both sides; the first loss
+    # is equal). The input gradient through a 4-bit layer is a bf16 product on peft's side and fp32
+    # on peftkit's (LoRA gradients differ by up to 0.5% at this size), and AdamW's first updates are
+    # ~lr * sign(grad): measured last-loss differences 2e-6 to 1.3e-4 of 5.5 between code versions.
     kit, peft = results["peftkit+prepare:nf4"], results["peft:nf4"]
-    assert kit["losses"][0] == pytest.approx(peft["losses"][0], abs=1e-4)
-    assert kit["loss"] == pytest.approx(peft["loss"], abs=1e-4)
+    assert kit["losses"][0] == pytest.approx(peft["losses"][0], abs=1e-5)
+    assert kit["loss"] == pytest.approx(peft["loss"], rel=1e-4)
     # bf16 base: the same bf16 computation on both sides (adapter fp32)
     assert results["peftkit:bf16"]["loss"] == pytest.approx(results["peft:bf16"]["loss"], abs=1e-3)
     # peftkit's own recipe keeps norms/embeddings/head in bf16 (no fp32 upcast): the same model to

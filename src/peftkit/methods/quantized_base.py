@@ -186,8 +186,8 @@ class _DequantizingBackward(torch.autograd.Function):
     backward (nothing kept between the passes, as bitsandbytes' and torchao's own backward):
     through `kernels.linear_nt`, whose 16-bit product is ~70x faster than theirs on CPUs without
     native bf16 GEMMs (they multiply a row-major g by a row-major W). bitsandbytes layers are
-    dequantized a few rows at a time in both passes (`_bnb_4bit_rows`), and the gradient's
-    partial products summed in fp32."""
+    dequantized a few rows at a time in both passes (`_bnb_4bit_rows`), the gradient computed in
+    fp32 and rounded once."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -200,10 +200,11 @@ class _DequantizingBackward(torch.autograd.Function):
         from ..kernels._gemm import linear_nt
 
         g = grad.reshape(-1, grad.shape[-1])
-        if _by_rows(ctx.module, g):
-            grad_x = g.new_zeros(g.shape[0], ctx.module.in_features, dtype=torch.float32)
-            for start, stop, rows in _bnb_4bit_rows(ctx.module, g.dtype):
-                grad_x += linear_nt(g[:, start:stop], rows.t())
+        if _by_rows(ctx.module, g):  # in fp32 throughout: one rounding, at the end
+            g32 = g.float()
+            grad_x = g32.new_zeros(g.shape[0], ctx.module.in_features)
+            for start, stop, rows in _bnb_4bit_rows(ctx.module, torch.float32):
+                grad_x.addmm_(g32[:, start:stop], rows)
         else:
             weight = dequantized_weight(ctx.module, g.dtype)  # [out, in]
             grad_x = linear_nt(g, weight.t())
