@@ -64,23 +64,27 @@ def test_linear_nt_bf16_is_torch_mm_or_its_fp32_arithmetic():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_16bit_products_in_fp32_upcast_a_block_of_the_weight_at_a_time(dtype, transposed, monkeypatch):
-    """Past UPCAST_BLOCK_BYTES the weight is upcast in blocks (output columns, or the summed
-    dimension accumulated in fp32): the product is the one-block product up to summation order."""
+@pytest.mark.parametrize("out_in", [(OUT, IN), (40, 3 * IN)])  # blocks of output columns / of the summed dim
+def test_16bit_products_in_fp32_upcast_a_block_of_the_weight_at_a_time(dtype, transposed, out_in, monkeypatch):
+    """Past UPCAST_BLOCK_BYTES the weight is upcast in blocks along its longer side (output
+    columns, or the summed dimension accumulated in fp32), and x goes through in row blocks: the
+    product is the one-block product up to summation order."""
     monkeypatch.setattr(_gemm, "native_16bit_gemm", lambda dtype: False)  # the fp32 route on any CPU
+    out_features, in_features = out_in
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(N, IN, generator=g).to(dtype)
-    w = (torch.randn(IN, OUT, generator=g).t() if transposed else torch.randn(OUT, IN, generator=g)) / IN**0.5
-    w, b = w.to(dtype), torch.randn(OUT, generator=g).to(dtype)
+    x = torch.randn(N, in_features, generator=g).to(dtype)
+    w = (torch.randn(in_features, out_features, generator=g).t() if transposed
+         else torch.randn(out_features, in_features, generator=g)) / in_features**0.5
+    w, b = w.to(dtype), torch.randn(out_features, generator=g).to(dtype)
     whole = _gemm.linear_nt(x, w, b)
     want = (x.double() @ w.double().t() + b.double())
     torch.testing.assert_close(whole.double(), want, rtol=0, atol=2 ** -7 * want.abs().max().item())
-    # 37 weight rows a block (7 blocks); x and the product in row blocks of 256: x has 2.5 of them
-    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 37 * max(IN, OUT))
+    # 37 rows of the weight's shorter side a block; x and the product in row blocks of 256 (x: 2.5 blocks)
+    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 37 * min(out_features, in_features))
     x = torch.cat([x, x, x[: N // 2]])
     whole = torch.cat([whole, whole, whole[: N // 2]])
     blocked = _gemm.linear_nt(x, w, b)
-    assert blocked.dtype == dtype and blocked.shape == (x.shape[0], OUT) and blocked.is_contiguous()
+    assert blocked.dtype == dtype and blocked.shape == (x.shape[0], out_features) and blocked.is_contiguous()
     torch.testing.assert_close(blocked.double(), whole.double(), rtol=0, atol=2 ** -7 * want.abs().max().item())
 
 

@@ -83,7 +83,7 @@ def slow_16bit_gemm(x: Tensor) -> bool:
 
 
 # fp32 scratch of `_via_fp32`: weight blocks, and row blocks of x and of the product
-UPCAST_BLOCK_BYTES = 16 << 20
+UPCAST_BLOCK_BYTES = 1 << 20
 
 
 def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -106,19 +106,19 @@ def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _blocked_product(x32: Tensor, weight: Tensor) -> Tensor:
-    """x32 @ weightᵀ in fp32 with the 16-bit weight upcast UPCAST_BLOCK_BYTES at a time."""
+    """x32 @ weightᵀ in fp32 with the 16-bit weight upcast UPCAST_BLOCK_BYTES at a time, in blocks
+    along its longer side (so that each block's product stays a wide GEMM)."""
     out_features, in_features = weight.shape
-    if weight.is_contiguous():  # [out, in] rows: blocks of output columns
+    if out_features >= in_features:  # blocks of output columns, each over the whole summed dimension
         out = x32.new_empty(x32.shape[0], out_features)
         step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features))
         for start in range(0, out_features, step):
             out[:, start:start + step] = torch.mm(x32, weight[start:start + step].float().t())
         return out
-    stored = weight.t()  # a transposed view of a contiguous [in, out]: blocks of the summed dimension
-    out = x32.new_zeros(x32.shape[0], out_features)
+    out = x32.new_zeros(x32.shape[0], out_features)  # blocks of the summed dimension, accumulated
     step = max(1, UPCAST_BLOCK_BYTES // (4 * out_features))
     for start in range(0, in_features, step):
-        out.addmm_(x32[:, start:start + step], stored[start:start + step].float())
+        out.addmm_(x32[:, start:start + step], weight[:, start:start + step].float().t())
     return out
 
 
