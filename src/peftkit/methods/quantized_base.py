@@ -183,11 +183,11 @@ def _by_rows(module: nn.Module, x: torch.Tensor) -> bool:
 
 class _DequantizingBackward(torch.autograd.Function):
     """A 4-bit layer's own forward, and an input gradient g @ W from its weight dequantized in
-    backward (nothing kept between the passes, as bitsandbytes' and torchao's own backward):
-    through `kernels.linear_nt`, whose 16-bit product is ~70x faster than theirs on CPUs without
-    native bf16 GEMMs (they multiply a row-major g by a row-major W). bitsandbytes layers are
-    dequantized a few rows at a time in both passes (`_bnb_4bit_rows`), the gradient computed in
-    fp32 and rounded once."""
+    backward (nothing kept between the passes, as bitsandbytes' and torchao's own backward).
+    bitsandbytes layers on the CPU go by rows in both passes (`_by_rows`), the gradient in fp32,
+    rounded once; the others through `kernels.linear_nt` (fp32 products on CPUs without native
+    16-bit GEMMs, where the libraries' own bf16 backward, a row-major g times a row-major W, is
+    ~70x slower still than torch's other bf16 products)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
