@@ -272,9 +272,32 @@ def test_a_training_pass_through_a_4bit_layer_computes_the_layers_own_output(bas
         torch.testing.assert_close(x.grad, expected_grad, rtol=0.02, atol=0.02 * expected_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("in_features,out_features", [(96, 300), (6146, 100), (97, 130)])
+def test_rows_of_odd_shapes_align_to_whole_blocks_and_bytes(in_features, out_features, monkeypatch):
+    """A row step holds whole 64-weight blocks and whole bytes whatever in_features is: the
+    layer's training pass by rows still gives its own output (in fp32 to summation order: the
+    product is split by output columns; a misaligned step would be off by whole weights)."""
+    import bitsandbytes as bnb
+
+    from peftkit.methods import quantized_base
+
+    monkeypatch.setattr(quantized_base, "_ROWS_BYTES", 2048)
+    g = torch.Generator().manual_seed(7)
+    layer = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, compress_statistics=True,
+                              quant_type="nf4")
+    weight = torch.randn(out_features, in_features, generator=g)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4").to("cpu")
+    layer.bias = nn.Parameter(torch.randn(out_features, generator=g), requires_grad=False)
+    x = torch.randn(5, in_features, generator=g)
+    layer.train()
+    expected = layer(x)
+    torch.testing.assert_close(quantized_base.forward(layer, x), expected, rtol=0,
+                               atol=1e-6 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("kind", ["nf4", "fp4-double", "int8"])
 @pytest.mark.parametrize("shards", [1, 3])
-def test_loading_reads_and_quantizes_what_transformers_does(tmp_path, kind, shards):
+def test_loading_reads_and_quantizes_what_transformers_does(tmp_path, kind, shards, monkeypatch):
     """`load_quantized_model` feeds transformers' quantizing load the checkpoint weight by weight
     (read, quantize, free); the model is the one transformers' own from_pretrained makes."""
     from transformers import AutoModelForCausalLM
@@ -285,8 +308,14 @@ def test_loading_reads_and_quantizes_what_transformers_does(tmp_path, kind, shar
     size = sum(p.numel() * 2 for p in model.parameters())
     model.save_pretrained(tmp_path, max_shard_size=size // shards + 1 if shards > 1 else "5GB")
     assert (len(list(tmp_path.glob("*.safetensors"))) > 1) == (shards > 1)
+    from peftkit.recipe import quantization
+
     config = QuantizationConfig(**BASES[kind][0], compute_dtype="bf16")
+    opened = []
+    pread_file = quantization._pread_file
+    monkeypatch.setattr(quantization, "_pread_file", lambda shard, files: opened.append(shard) or pread_file(shard, files))
     ours = load_quantized_model(str(tmp_path), config, dtype=torch.bfloat16)
+    assert len(opened) == len(list(tmp_path.glob("*.safetensors")))  # our reading load ran, on every shard
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_quantization_config(
         config, torch.bfloat16), dtype=torch.bfloat16, device_map="cpu")
     ours_state, theirs_state = ours.state_dict(), theirs.state_dict()

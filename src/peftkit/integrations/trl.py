@@ -38,18 +38,20 @@ class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
         """TRL's loss, its fused lm-head scoring the tokens in chunks sized by memory as peftkit's
         own chunked loss is (`kernels.cross_entropy.auto_chunk_rows`), not TRL's 32768 tokens per
         chunk: at 1024 tokens x 32k vocabulary that one chunk held the fp32 logits, log-probs and
-        entropy of the whole batch at once (+1.4 GB here). The same values, chunk by chunk."""
+        entropy of the whole batch at once (+1.4 GB on a CPU). The same values, chunk by chunk.
+        With the head on a GPU TRL's size stays (each chunk reads the whole head again)."""
         labels = inputs.get("labels")
-        if labels is None:
+        head = self.model.get_output_embeddings().weight
+        if labels is None or head.device.type != "cpu":  # a GPU re-reads the head per chunk: TRL's size
             return super().compute_loss(model, inputs, *args, **kwargs)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        with _logprob_chunk_rows(auto_chunk_rows(vocab, labels.numel())):
+        with _logprob_chunk_rows(auto_chunk_rows(head.shape[0], labels.numel())):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 @contextlib.contextmanager
 def _logprob_chunk_rows(rows: int) -> Iterator[None]:
-    """TRL's fused lm-head reads its tokens-per-chunk from a module global at each call."""
+    """TRL's fused lm-head reads its tokens-per-chunk from a module global at each call (one value
+    per process: trainers stepping in several threads at once would share it)."""
     original = _trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     _trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = rows
     try:

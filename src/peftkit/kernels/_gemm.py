@@ -89,8 +89,9 @@ UPCAST_BLOCK_BYTES = 1 << 20
 def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weightᵀ (+ bias) for 16-bit CPU operands, computed in fp32 and rounded once to x's
     dtype: the arithmetic of torch's 16-bit CPU GEMM (exact upcast, fp32 accumulation), on MKL's
-    sgemm. Bounded scratch: x and the product go through in row blocks, and a weight larger than
-    a block is upcast a block of its stored rows at a time (for each row block of x)."""
+    sgemm. Scratch: x and the product go through in row blocks (at least 256 rows), and a weight
+    larger than UPCAST_BLOCK_BYTES is upcast that much at a time along its longer side, again for
+    each row block of x (an upcast is cheap next to the 256-row product it feeds)."""
     n, (out_features, in_features) = x.shape[0], weight.shape
     whole = weight.float() if weight.numel() * 4 <= UPCAST_BLOCK_BYTES else None
     bias32 = None if bias is None else bias.float()
@@ -107,7 +108,7 @@ def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _blocked_product(x32: Tensor, weight: Tensor) -> Tensor:
     """x32 @ weightᵀ in fp32 with the 16-bit weight upcast UPCAST_BLOCK_BYTES at a time, in blocks
-    along its longer side (so that each block's product stays a wide GEMM)."""
+    along its longer side: the block's other side is the shorter one, whole."""
     out_features, in_features = weight.shape
     if out_features >= in_features:  # blocks of output columns, each over the whole summed dimension
         out = x32.new_empty(x32.shape[0], out_features)

@@ -99,7 +99,8 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
     # the elementwise work on it. When cd is fp32 the matmul output is the work buffer.
     rows = max(1, min(rows, h.shape[0]))
     low = cd != acc
-    # bf16 / fp16 without native GEMMs: both products through linear_nt's fp32 route (5-10x faster)
+    # bf16 / fp16 without native GEMMs: the logits and the hidden-state gradient through linear_nt's
+    # fp32 route (5-10x faster there)
     via_fp32 = low and not torch.compiler.is_compiling() and slow_16bit_gemm(w)
     buf_cd = torch.empty((rows, w.shape[0]), dtype=cd, device=h.device) if low else None
     buf_acc = torch.empty((rows, w.shape[0]), dtype=acc, device=h.device) if low else None

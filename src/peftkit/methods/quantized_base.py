@@ -203,8 +203,9 @@ class _DequantizingBackward(torch.autograd.Function):
         if _by_rows(ctx.module, g):  # in fp32 throughout: one rounding, at the end
             g32 = g.float()
             grad_x = g32.new_zeros(g.shape[0], ctx.module.in_features)
-            for start, stop, rows in _bnb_4bit_rows(ctx.module, torch.float32):
-                grad_x.addmm_(g32[:, start:stop], rows)
+            # the weights the forward multiplied by (in the compute dtype), then in fp32
+            for start, stop, rows in _bnb_4bit_rows(ctx.module, ctx.module.compute_dtype or ctx.x_dtype):
+                grad_x.addmm_(g32[:, start:stop], rows.float())
         else:
             weight = dequantized_weight(ctx.module, g.dtype)  # [out, in]
             grad_x = linear_nt(g, weight.t())
@@ -214,13 +215,13 @@ class _DequantizingBackward(torch.autograd.Function):
 def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for a frozen quantized layer, with the faster input gradient for 4-bit
     layers (`_DequantizingBackward`); 8-bit layers (LLM.int8's own backward) run as they are. In
-    training a bitsandbytes 4-bit layer on the CPU computes by rows (`_by_rows`): the same output,
-    bit for bit."""
+    training a bitsandbytes 4-bit layer on the CPU computes by rows (`_by_rows`): the same output
+    (bit for bit in bf16 as measured; in fp32 to summation order, the product split by columns)."""
     if (quantized_format(module) in (BNB_4BIT, TORCHAO_NF4) and torch.is_grad_enabled() and x.requires_grad
             and not any(p.requires_grad for p in module.parameters())):
         return _DequantizingBackward.apply(x, module)
-    if module.training and _by_rows(module, x):
-        return _chunked_4bit_forward(module, x)
+    if module.training and _by_rows(module, x) and not any(p.requires_grad for p in module.parameters()):
+        return _chunked_4bit_forward(module, x)  # no gradient: it saves nothing for backward
     return module(x)
 
 

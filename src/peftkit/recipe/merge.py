@@ -49,7 +49,10 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, base: str | None = None, dt
     report = export_merged(loaded.model, out_dir, parity_inputs(loaded), tokenizer=loaded.tokenizer, dtype=target,
                            tolerance=tolerance, max_shard_size=shard_bytes, requantize=requantize)
     if quantized:  # run_config.yaml's model.quantization: the base the adapter was trained on
-        layers = f"the {len(quantized)} quantized layers ({', '.join(sorted(set(quantized.values())))})"
+        kinds = ", ".join(sorted(set(quantized.values())))
+        layers = f"the {len(quantized)} quantized layers ({kinds})"
+        if requantize:
+            report.dtype = f"{kinds}, the rest {report.dtype}"
         report.base_note = (f"{layers} the adapter was trained on, merged and quantized again" if requantize else
                             f"{layers} the adapter was trained on, dequantized (the other layers as in the "
                             f"checkpoint); parity is against that model")

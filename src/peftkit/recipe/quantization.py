@@ -149,8 +149,8 @@ def load_quantized_model(path: str, quantization: QuantizationConfig | dict, *, 
     in `dtype`), loaded without holding the unquantized checkpoint: from a local safetensors
     folder each weight is read, quantized and freed in turn.
 
-    `return_freed_buffers`: call `return_freed_buffers_to_system()` first (process-wide, glibc
-    only); False leaves the allocator as it is.
+    `return_freed_buffers`: without a GPU, call `return_freed_buffers_to_system()` first
+    (process-wide, glibc only); False leaves the allocator as it is.
     `model_class`: a transformers Auto class (default AutoModelForCausalLM); other keywords go to
     its `from_pretrained` (trust_remote_code, num_labels, ...).
     """
@@ -161,7 +161,7 @@ def load_quantized_model(path: str, quantization: QuantizationConfig | dict, *, 
     elif problems := quantization.problems():
         raise ValueError("; ".join(f"quantization.{p}" for p in problems))
     _require(quantization.backend)
-    if return_freed_buffers:
+    if return_freed_buffers and not torch.cuda.is_available():
         return_freed_buffers_to_system()
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
@@ -190,7 +190,8 @@ def load_quantized_model(path: str, quantization: QuantizationConfig | dict, *, 
 def _safetensors_shards(path: str, kwargs: dict) -> list[str]:
     """The safetensors files of a local model folder, or [] where transformers must find the
     weights itself (a hub id, .bin files, or keywords that choose other files)."""
-    if any(key in kwargs for key in ("subfolder", "revision", "use_safetensors", "gguf_file", "state_dict")):
+    if any(key in kwargs for key in ("subfolder", "revision", "use_safetensors", "gguf_file", "state_dict", "config",
+                                     "output_loading_info", "disable_mmap")):
         return []
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
@@ -227,11 +228,13 @@ def _load_reading_quantized_weights(path: str, shards: list[str], model_class: A
                    if isinstance(module, nn.Linear) and module is not head}
     concrete_class = type(skeleton)  # an Auto class would deep-copy the state dict's file handles
     del skeleton
+    pread = True
     with contextlib.ExitStack() as files:
         state_dict = {}
         for shard in shards:
             mapped = files.enter_context(safe_open(shard, framework="pt"))
             read = _pread_file(shard, files)
+            pread = pread and read is not None
             for key in mapped.keys():
                 state_dict[key] = (read if read is not None and key in to_quantize else mapped).get_slice(key)
         model = concrete_class.from_pretrained(
@@ -239,6 +242,8 @@ def _load_reading_quantized_weights(path: str, shards: list[str], model_class: A
             dtype=kwargs["dtype"], quantization_config=kwargs["quantization_config"],
             device_map=kwargs["device_map"], **model_kwargs)
         del state_dict
+    if not pread:  # every weight came through the map: copy the rest off it (release_loading_memory)
+        release_loading_memory(model)
     # what from_pretrained takes from the folder when given one instead of a state dict
     model.config._name_or_path = model.name_or_path = str(path)
     if model.can_generate() and (Path(path) / "generation_config.json").is_file():
