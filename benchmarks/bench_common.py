@@ -32,6 +32,18 @@ def run_fresh(script: str, payload: dict, timeout: float, env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def answer_one(one: str, run_one, init=None) -> int:
+    """The fresh process's side of `run_fresh`: run the configuration in `one` (JSON) with
+    `run_one`, or `init` when the payload asks for the one-time setup, and print the JSON result."""
+    payload = json.loads(one)
+    if payload.get("init"):
+        init(payload)
+        print(json.dumps({"ok": True}))
+    else:
+        print(json.dumps(run_one(payload)))
+    return 0
+
+
 def loadavg() -> list[str] | None:
     try:
         with open("/proc/loadavg") as f:

@@ -58,7 +58,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_common import below_one, child_env, loadavg, machine as bench_machine, run_fresh
+from bench_common import answer_one, below_one, child_env, loadavg, machine as bench_machine, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -166,43 +166,41 @@ def load_row(spec: dict):
     side, base = spec["side"], spec["base"]
     bnb_kwargs = {"bits": 4, "type": "nf4", "double_quant": False, "compute_dtype": "bf16", "backend": "bitsandbytes"}
     stages = {}
-    if side == "peft":
+    if base == "bf16":  # the same on both sides
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        stages["loaded"] = _status()
+        _checkpointing(model)
+    elif side == "peft":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        if base == "nf4":
-            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
-                                       bnb_4bit_compute_dtype=torch.bfloat16)
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                         device_map="cpu")
-            stages["loaded"] = _status()
-            model = peft.prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map="cpu")
+        stages["loaded"] = _status()
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        from peftkit.recipe.quantization import load_quantized_model, prepare_model_for_kbit_training
+
+        model = load_quantized_model(path, bnb_kwargs, dtype=torch.bfloat16)
+        stages["loaded"] = _status()
+        if side == "peftkit+prepare":
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": True})
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-            stages["loaded"] = _status()
             _checkpointing(model)
-        stages["prepared"] = _status()
+    stages["prepared"] = _status()
+    if side == "peft":
+        import peft
+
         model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
     else:
         import peftkit
-        from peftkit.recipe.quantization import load_quantized_model, prepare_model_for_kbit_training
 
-        if base == "nf4":
-            model = load_quantized_model(path, bnb_kwargs, dtype=torch.bfloat16)
-            stages["loaded"] = _status()
-            if side == "peftkit+prepare":
-                prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": True})
-            else:
-                _checkpointing(model)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-            stages["loaded"] = _status()
-            _checkpointing(model)
-        stages["prepared"] = _status()
         model = peftkit.PeftModel.from_pretrained(model, adapter, is_trainable=True)
     stages["adapter"] = _status()
     model.train()
@@ -487,13 +485,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        payload = json.loads(args.one)
-        if payload.get("init"):
-            make_base(payload, payload["base_dir"])
-            print(json.dumps({"ok": True}))
-        else:
-            print(json.dumps(run_one(payload)))
-        return 0
+        return answer_one(args.one, run_one, init=lambda payload: make_base(payload, payload["base_dir"]))
     info = machine()
     print(f"machine: {info}")
     spec = base_spec(args)

@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import below_one, child_env, loadavg, machine as bench_machine, run_fresh
+from bench_common import answer_one, below_one, child_env, loadavg, machine as bench_machine, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -528,13 +528,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        payload = json.loads(args.one)
-        if payload.get("init"):
-            make_initial_adapter(payload, payload["adapter_dir"])
-            print(json.dumps({"ok": True}))
-        else:
-            print(json.dumps(run_one(payload)))
-        return 0
+        return answer_one(args.one, run_one, init=lambda payload: make_initial_adapter(payload, payload["adapter_dir"]))
     info = machine()
     print(f"machine: {info}")
     for w in args.widths:

@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import below_one, child_env, run_fresh
+from bench_common import answer_one, below_one, child_env, run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -422,8 +422,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
-        return 0
+        return answer_one(args.one, run_one)
     info = machine()
     print(f"machine: {info}")
     print(f"shape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
