@@ -52,7 +52,7 @@ def test_routes_run_every_route_on_both_sides_with_equal_losses(tmp_path):
     routes = ["own-loop", "trainer", "plain", "accelerate"] + (["trl"] if importlib.util.find_spec("trl") else [])
     out = tmp_path / "routes.json"
     proc = subprocess.run([sys.executable, str(ROUTES_SCRIPT), "--widths", "tiny", "--dtypes", "fp32", "--warmup", "1",
-                           "--steps", "1", "--threads", "1", "--in-process", "--routes", *routes, "--json", str(out)],
+                           "--steps", "1", "--threads", "1", "--in-process", "--floor", "--routes", *routes, "--json", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -77,4 +77,11 @@ def test_routes_run_every_route_on_both_sides_with_equal_losses(tmp_path):
         assert abs(kit["loss"] - peft_row["loss"]) < 1e-5, route
         assert kit["time_vs_peft"] == kit["s_per_step"] / peft_row["s_per_step"]
     assert by_route["own-loop"]["peftkit"]["loss_path"] == "chunked"
+    # the floor: the base alone (the initial adapter's B is zero, so its first loss is the adapted
+    # model's), timed against plain's peft side, with no target of its own
+    floor = by_route["plain"]["base alone"]
+    assert floor["trainable_params"] == 0 and floor["loss_path"] == "chunked, no adapter"
+    assert abs(floor["first_loss"] - by_route["plain"]["peft"]["first_loss"]) < 1e-5
+    assert floor["time_vs_peft"] == floor["s_per_step"] / by_route["plain"]["peft"]["s_per_step"]
+    assert "time_met" not in floor and "peak_met" not in floor
     assert by_route["trainer"]["peft"]["loss_path"] == "full logits"

@@ -17,7 +17,9 @@ import platform
 import torch
 from torch import Tensor
 
-__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "slow_16bit_gemm"]
+from . import _scratch
+
+__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "product_into", "slow_16bit_gemm"]
 
 
 def _onednn_fp32() -> bool:
@@ -82,45 +84,64 @@ def slow_16bit_gemm(x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and not native_16bit_gemm(x.dtype))
 
 
-# fp32 scratch of `_via_fp32`: weight blocks, and row blocks of x and of the product
+# fp32 blocks of `_via_fp32`: weight blocks, and row blocks of x and of the product. They are
+# this thread's scratch buffers (`_scratch`): fresh ones per block were ~1000 MB-sized
+# allocations per training step, which left holes in glibc's heap between the activations.
 UPCAST_BLOCK_BYTES = 1 << 20
 
 
 def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weightᵀ (+ bias) for 16-bit CPU operands, computed in fp32 and rounded once to x's
     dtype: the arithmetic of torch's 16-bit CPU GEMM (exact upcast, fp32 accumulation), on MKL's
-    sgemm. Scratch: x and the product go through in row blocks (at least 256 rows), and a weight
-    larger than UPCAST_BLOCK_BYTES is upcast that much at a time along its longer side, again for
-    each row block of x (an upcast is cheap next to the 256-row product it feeds)."""
+    sgemm. x goes through in row blocks (at least 256 rows), each by `product_into`; a weight of
+    at most UPCAST_BLOCK_BYTES in fp32 is upcast once for all of them."""
     n, (out_features, in_features) = x.shape[0], weight.shape
-    whole = weight.float() if weight.numel() * 4 <= UPCAST_BLOCK_BYTES else None
-    bias32 = None if bias is None else bias.float()
     out = x.new_empty(n, out_features)
+    if weight.numel() * 4 <= UPCAST_BLOCK_BYTES:
+        weight = _upcast(weight, "gemm_weight")
+    bias32 = None if bias is None else bias.float()
     step = max(256, UPCAST_BLOCK_BYTES // (4 * max(in_features, out_features)))
     for start in range(0, n, step):
-        x32 = x[start:start + step].float()
-        y32 = torch.mm(x32, whole.t()) if whole is not None else _blocked_product(x32, weight)
-        if bias32 is not None:
-            y32 += bias32
-        out[start:start + step] = y32
+        product_into(out[start:start + step], _upcast(x[start:start + step], "gemm_x"), weight, bias32)
     return out
 
 
-def _blocked_product(x32: Tensor, weight: Tensor) -> Tensor:
-    """x32 @ weightᵀ in fp32 with the 16-bit weight upcast UPCAST_BLOCK_BYTES at a time, in blocks
-    along its longer side: the block's other side is the shorter one, whole."""
-    out_features, in_features = weight.shape
-    if out_features >= in_features:  # blocks of output columns, each over the whole summed dimension
-        out = x32.new_empty(x32.shape[0], out_features)
-        step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features))
+def product_into(out: Tensor, x32: Tensor, weight: Tensor, bias32: Tensor | None = None) -> Tensor:
+    """out[:] = x32 @ weightᵀ (+ bias32), for fp32 x32 [M, in] and weight [out, in] (may be a
+    transposed view): computed in fp32 and rounded once into `out` (any float dtype). A 16-bit
+    weight is upcast UPCAST_BLOCK_BYTES at a time along its longer side, the block's other side
+    whole: blocks of output columns, or blocks of the summed dimension accumulated in fp32."""
+    rows, (out_features, in_features) = x32.shape[0], weight.shape
+    upcast = weight.dtype != torch.float32
+    if out_features >= in_features or not upcast:
+        step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features)) if upcast else out_features
         for start in range(0, out_features, step):
-            out[:, start:start + step] = torch.mm(x32, weight[start:start + step].float().t())
+            w32 = _upcast(weight[start:start + step], "gemm_weight") if upcast else weight
+            y32 = _fp32_scratch("gemm_product", (rows, w32.shape[0]), x32.device)
+            torch.mm(x32, w32.t(), out=y32)
+            if bias32 is not None:
+                y32 += bias32[start:start + step]
+            out[:, start:start + step].copy_(y32)
         return out
-    out = x32.new_zeros(x32.shape[0], out_features)  # blocks of the summed dimension, accumulated
+    acc = _fp32_scratch("gemm_product", (rows, out_features), x32.device).zero_()
     step = max(1, UPCAST_BLOCK_BYTES // (4 * out_features))
     for start in range(0, in_features, step):
-        out.addmm_(x32[:, start:start + step], weight[:, start:start + step].float().t())
-    return out
+        acc.addmm_(x32[:, start:start + step], _upcast(weight[:, start:start + step], "gemm_weight").t())
+    if bias32 is not None:
+        acc += bias32
+    return out.copy_(acc)
+
+
+def _fp32_scratch(slot: str, shape: tuple[int, int], device) -> Tensor:
+    return _scratch.scratch(device, shape[0] * shape[1], slot, torch.float32).view(shape)
+
+
+def _upcast(t: Tensor, slot: str) -> Tensor:
+    """2-D `t` in fp32 (exact) in this thread's scratch buffer `slot`, in t's layout where t is a
+    transposed view (the input gradient's weight), else contiguous."""
+    if not t.is_contiguous() and t.t().is_contiguous():
+        return _upcast(t.t(), slot).t()
+    return _fp32_scratch(slot, tuple(t.shape), t.device).copy_(t)
 
 
 def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

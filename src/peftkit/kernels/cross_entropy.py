@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import compute_dtype, select
-from ._gemm import linear_nt, slow_16bit_gemm
+from ._gemm import linear_nt, product_into, slow_16bit_gemm
 
 __all__ = [
     "linear_cross_entropy",
@@ -102,6 +102,7 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
     # bf16 / fp16 without native GEMMs: the logits and the hidden-state gradient through linear_nt's
     # fp32 route (5-10x faster there)
     via_fp32 = low and not torch.compiler.is_compiling() and slow_16bit_gemm(w)
+    b32 = None if b is None or not via_fp32 else b.float()
     buf_cd = torch.empty((rows, w.shape[0]), dtype=cd, device=h.device) if low else None
     buf_acc = torch.empty((rows, w.shape[0]), dtype=acc, device=h.device) if low else None
     for start in range(0, h.shape[0], rows):
@@ -109,8 +110,8 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
         hc, lc = h[start:end].to(cd), labels[start:end, None]
         if low:
             logits_cd = buf_cd[: end - start]
-            if via_fp32:
-                logits_cd.copy_(linear_nt(hc, w, b))  # rounded to cd, as the 16-bit product is
+            if via_fp32:  # rounded to cd, as the 16-bit product is
+                product_into(logits_cd, hc.float(), w, b32)
             elif b is None:
                 torch.mm(hc, w.t(), out=logits_cd)
             else:
@@ -132,7 +133,9 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
         p = logits_cd.copy_(probs) if low else probs
         del logits, probs
         if want_h:
-            if low and not via_fp32:
+            if via_fp32:  # p upcast into the fp32 buffer, which is free again
+                product_into(grad_h[start:end], buf_acc[: end - start].copy_(p), w.t())
+            elif low:
                 torch.mm(p, w, out=grad_h[start:end])
             else:
                 grad_h[start:end] = linear_nt(p, w.t())

@@ -20,14 +20,15 @@ Under torch.compile the mask work runs inside opaque custom ops (`peftkit::dropo
 from __future__ import annotations
 
 import ctypes
-import mmap
-import threading
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from . import _native
+from ._scratch import held as _held
+from ._scratch import keep as _keep
+from ._scratch import scratch as _scratch
 
 __all__ = ["add_masked_", "apply_mask", "draw_and_apply", "draw_seed", "dropout_keep_mask", "keep_rescale"]
 
@@ -44,12 +45,6 @@ _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 _GATHER = (1 << 48) | (1 << 33) | (1 << 18) | (1 << 3)
 _SPREAD = 1 | (1 << 15) | (1 << 30) | (1 << 45)
 _LANES = 1 | (1 << 16) | (1 << 32) | (1 << 48)
-_THREAD_BUFFERS = threading.local()
-# Most bytes of buffers a thread keeps between calls (`_scratch`, `_weyl_steps`). Reuse pays where
-# page faults are a large share of a call (small and mid-sized inputs: a [1024, 1376] fp32 input's
-# two 5.4 MiB buffers do not both fit); larger buffers are fresh for each call and freed with
-# their last use, so a [4096, 2048] fp32 call no longer leaves 64 MiB behind.
-SCRATCH_CAP_BYTES = 8 << 20
 
 
 def dropout_keep_mask(seed: int, shape: Sequence[int], p: float, device: torch.device | str) -> Tensor:
@@ -216,59 +211,12 @@ def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
 
 def _weyl_steps(device, count: int) -> Tensor:
     """[count] int64: i * golden (mod 2^64) for i = 0, 1, ...; kept per thread and device (within
-    SCRATCH_CAP_BYTES), so a mask's counters cost one pass (a state add) instead of three."""
+    `_scratch.SCRATCH_CAP_BYTES`), so a mask's counters cost one pass (a state add) instead of three."""
     key = (torch.device(device), "weyl", torch.int64)
     steps = _held().get(key)
     if steps is None or steps.numel() < count:
         steps = _keep(key, torch.arange(count, dtype=torch.int64, device=device).mul_(_GOLDEN))
     return steps[:count]
-
-
-def _scratch(device, count: int, slot: str, dtype: torch.dtype = torch.int64) -> Tensor:
-    """A [count] buffer to work in: this thread's buffer of the slot (dtype, device), reused while
-    all kept buffers fit in SCRATCH_CAP_BYTES, else a fresh one. On CPU fresh multi-MB tensors
-    cost their page faults, about a third of drawing the mask; a buffer is only in use within
-    one forward or one backward call of the op, which never nest."""
-    key = (torch.device(device), slot, dtype)
-    buffer = _held().get(key)
-    if buffer is None or buffer.numel() < count:
-        buffer = _keep(key, _empty(count, dtype, device))
-    return buffer[:count]
-
-
-_HUGE_PAGES = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux
-
-
-def _empty(count: int, dtype: torch.dtype, device) -> Tensor:
-    """torch.empty, but a large CPU buffer is mapped with transparent huge pages where the OS
-    offers them: a fresh 32 MiB buffer then costs ~5 ms of page faults instead of ~45 (4 KiB
-    pages, measured on this project's machine), which is what keeps the buffers above
-    SCRATCH_CAP_BYTES cheap to allocate per call. Unmapped when the tensor is freed."""
-    nbytes = count * dtype.itemsize
-    if _HUGE_PAGES is None or torch.device(device).type != "cpu" or nbytes < (2 << 20):
-        return torch.empty(count, dtype=dtype, device=device)
-    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(_HUGE_PAGES)
-    return torch.frombuffer(region, dtype=dtype, count=count)  # the tensor holds the mapping
-
-
-def _held() -> dict:
-    return _THREAD_BUFFERS.__dict__.setdefault("held", {})
-
-
-def _keep(key: tuple, buffer: Tensor) -> Tensor:
-    """Keep `buffer` as this thread's `key` (in place of the one there) if all kept buffers then
-    fit in SCRATCH_CAP_BYTES; returns it either way."""
-    held = _held()
-    held.pop(key, None)
-    if buffer.nbytes + sum(b.nbytes for b in held.values()) <= SCRATCH_CAP_BYTES:
-        held[key] = buffer
-    return buffer
-
-
-def scratch_bytes_held() -> int:
-    """Bytes of buffers this thread keeps between calls (at most SCRATCH_CAP_BYTES)."""
-    return sum(b.nbytes for b in _held().values())
 
 
 @torch.compiler.disable  # bit-exact as in eager (64-bit products that overflow by design)
