@@ -186,3 +186,24 @@ def test_linear_nt_16bit_through_a_transposed_weight_matches_mm(dtype):
     want = x.double() @ w.double()
     assert got.dtype == dtype and got.shape == (N, IN)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_16bit_products_in_fp32_work_in_kept_scratch_blocks(monkeypatch):
+    """The fp32 route's blocks (x rows, weight, product) are this thread's scratch buffers: a second
+    call of the same shape allocates none of them again, and with nothing kept (cap 0: a fresh
+    buffer per block) the product is bit-identical."""
+    from peftkit.kernels import _scratch
+
+    monkeypatch.setattr(_gemm, "native_16bit_gemm", lambda dtype: False)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(600, 96, generator=g).to(torch.bfloat16)
+    w = torch.randn(40, 96, generator=g).to(torch.bfloat16)
+    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 96 * 16)  # weight blocks of 16 rows, x blocks of 256
+    first = _gemm.linear_nt(x, w)
+    kept = {key[1]: t.data_ptr() for key, t in _scratch.held().items() if key[1].startswith("gemm_")}
+    assert set(kept) == {"gemm_x", "gemm_weight", "gemm_product"}
+    assert torch.equal(_gemm.linear_nt(x, w), first)
+    assert {key[1]: t.data_ptr() for key, t in _scratch.held().items() if key[1] in kept} == kept
+    monkeypatch.setattr(_scratch, "SCRATCH_CAP_BYTES", 0)
+    _scratch.held().clear()
+    assert torch.equal(_gemm.linear_nt(x, w), first) and _scratch.scratch_bytes_held() == 0

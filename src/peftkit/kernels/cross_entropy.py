@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import compute_dtype, select
-from ._gemm import linear_nt, product_into, slow_16bit_gemm
+from ._gemm import linear_nt, onednn_fp32_available, product_into, slow_16bit_gemm
 
 __all__ = [
     "linear_cross_entropy",
@@ -96,15 +96,18 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
     grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
     # One pair of chunk buffers for the whole pass: a fresh multi-MB allocation per chunk
     # costs a page fault per 4 KiB page on CPU (~8 ms per 32 MB chunk measured), more than
-    # the elementwise work on it. When cd is fp32 the matmul output is the work buffer.
+    # the elementwise work on it. When cd is fp32 the fp32 buffer is the matmul's output.
     rows = max(1, min(rows, h.shape[0]))
     low = cd != acc
     # bf16 / fp16 without native GEMMs: the logits and the hidden-state gradient through linear_nt's
     # fp32 route (5-10x faster there)
     via_fp32 = low and not torch.compiler.is_compiling() and slow_16bit_gemm(w)
     b32 = None if b is None or not via_fp32 else b.float()
+    # fp32 on a CPU: the logits go into the pass's buffer as well (not a fresh chunk-sized output
+    # per chunk), except where linear_nt takes oneDNN, which writes a new tensor
+    fp32_into_buffer = not low and h.device.type == "cpu" and not onednn_fp32_available()
     buf_cd = torch.empty((rows, w.shape[0]), dtype=cd, device=h.device) if low else None
-    buf_acc = torch.empty((rows, w.shape[0]), dtype=acc, device=h.device) if low else None
+    buf_acc = torch.empty((rows, w.shape[0]), dtype=acc, device=h.device) if low or fp32_into_buffer else None
     for start in range(0, h.shape[0], rows):
         end = min(start + rows, h.shape[0])
         hc, lc = h[start:end].to(cd), labels[start:end, None]
@@ -118,7 +121,7 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
                 torch.addmm(b, hc, w.t(), out=logits_cd)
             logits = buf_acc[: end - start].copy_(logits_cd)
         else:
-            logits = linear_nt(hc, w, b)
+            logits = linear_nt(hc, w, b) if buf_acc is None else _mm_out(buf_acc[: end - start], hc, w, b)
         row_loss = _softmax_(logits, lc, hc, w, b)
         probs = logits
         vc = None if valid is None else valid[start:end]
@@ -135,13 +138,17 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
         if want_h:
             if via_fp32:  # p upcast into the fp32 buffer, which is free again
                 product_into(grad_h[start:end], buf_acc[: end - start].copy_(p), w.t())
-            elif low:
+            elif low or fp32_into_buffer:
                 torch.mm(p, w, out=grad_h[start:end])
             else:
                 grad_h[start:end] = linear_nt(p, w.t())
         if want_w:
             grad_w.add_(torch.mm(p.t(), hc))
     return loss, grad_h, grad_w, grad_b
+
+
+def _mm_out(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
 
 # Below this probability of the target the loss is not taken as -log(p): exp() nears the
