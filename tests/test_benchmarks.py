@@ -52,7 +52,8 @@ def test_routes_run_every_route_on_both_sides_with_equal_losses(tmp_path):
     routes = ["own-loop", "trainer", "plain", "accelerate"] + (["trl"] if importlib.util.find_spec("trl") else [])
     out = tmp_path / "routes.json"
     proc = subprocess.run([sys.executable, str(ROUTES_SCRIPT), "--widths", "tiny", "--dtypes", "fp32", "--warmup", "1",
-                           "--steps", "1", "--threads", "1", "--in-process", "--floor", "--routes", *routes, "--json", str(out)],
+                           "--steps", "1", "--threads", "1", "--in-process", "--floor", "--routes", *routes,
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
