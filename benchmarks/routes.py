@@ -19,11 +19,14 @@ settings:
               with the shared initial weights before training)
 
 With `--floor`, each (width, dtype) also runs `base alone` on the plain loop: the frozen base
-model with no adapter at all, its loss by peftkit's chunked loss (`kernels.causal_lm_loss`), the
-backward flowing from the loss down to the first decoder layer's output (no optimizer step). No
-adapter method that leaves the user's model computing what it computes can train faster than
-this (it skips even the adapter's own small products and the first layer's backward), so its
-time against peft's plain loop is the lowest ratio any route can reach on the machine.
+model with no adapter at all, its linear layers on peftkit's GEMM route (`kernels._gemm.linear_nt`,
+as the fused LoRA op's base product), its loss by peftkit's chunked loss
+(`kernels.causal_lm_loss`), the backward flowing from the loss down to the first decoder layer's
+output, no optimizer step. It skips the adapter's own products, the first layer's backward and
+the optimizer, and keeps the rest of the model's own computation (norms, rotary, activation, the
+model's SDPA attention), so its time against peft's plain loop is a lower bound for every row
+that runs the model's SDPA (all fp32 rows; in bf16 the own loop and `peftkit+fa` rows use
+peftkit's attention kernel instead).
 
 On the routes other than the own loop, the peftkit row is what `get_peft_model` alone gives
 (chunked loss in train mode, the model's own SDPA attention); `peftkit+fa` rows (bf16 only:
@@ -317,6 +320,7 @@ def _base_alone(model, batches, clock: _Clock) -> _Clock:
         (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
 
     hook = model.model.layers[0].register_forward_hook(needs_grad)
+    _through_fast_gemm(model.model)
     clock.start()
     for ids in batches:
         hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
@@ -326,6 +330,33 @@ def _base_alone(model, batches, clock: _Clock) -> _Clock:
         clock.step_end(loss.item())
     hook.remove()
     return clock
+
+
+def _through_fast_gemm(backbone) -> None:
+    """The backbone's frozen nn.Linear layers computed as the fused LoRA op computes its base
+    product: forward and input gradient by `kernels._gemm.linear_nt` (oneDNN for fp32 on AVX-512
+    CPUs, fp32 products for bf16 on CPUs without native bf16 GEMMs), so that the floor runs on
+    the GEMMs the peftkit rows run on."""
+    import torch
+
+    from peftkit.kernels._gemm import linear_nt
+
+    class FrozenLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(weight)
+            y = linear_nt(x.reshape(-1, x.shape[-1]), weight, bias)
+            return y.view(*x.shape[:-1], weight.shape[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (weight,) = ctx.saved_tensors
+            grad_x = linear_nt(grad.reshape(-1, grad.shape[-1]), weight.t())
+            return grad_x.view(*grad.shape[:-1], weight.shape[1]), None, None
+
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = lambda x, m=module: FrozenLinear.apply(x, m.weight, m.bias)
 
 
 def _loss_path(spec: dict, model) -> str:
@@ -441,7 +472,7 @@ def runs(args) -> list[dict]:
                     out.append(dict(base, route=route, side="peftkit", fa=True))
             if need_peft_trainer:
                 out.append(dict(base, route="trainer", side="peft", fa=False))
-            if args.floor:
+            if args.floor and "plain" in args.routes:  # shown against plain's peft side
                 out.append(dict(base, route="plain", side="floor", fa=False))
     return out
 

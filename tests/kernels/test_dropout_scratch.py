@@ -17,10 +17,10 @@ def test_a_large_call_leaves_at_most_the_cap_held(monkeypatch, native):
     xk, packed = dm.draw_and_apply(x, 5, 0.1)
     applied = dm.apply_mask(x, packed)
     dm.add_masked_(torch.zeros_like(x), x, packed)
-    assert _scratch.scratch_bytes_held() <= _scratch.SCRATCH_CAP_BYTES == 8 << 20
+    assert _scratch.scratch_bytes_held("dropout") <= _scratch.SCRATCH_CAP_BYTES == 8 << 20
     keep = dropout_keep_mask(5, x.shape, 0.1, "cpu")
     assert torch.equal(xk, x * keep) and torch.equal(applied, x * keep)
-    assert _scratch.scratch_bytes_held() <= _scratch.SCRATCH_CAP_BYTES
+    assert _scratch.scratch_bytes_held("dropout") <= _scratch.SCRATCH_CAP_BYTES
 
 
 def test_small_buffers_are_reused_and_each_thread_has_its_own(monkeypatch):

@@ -188,22 +188,57 @@ def test_linear_nt_16bit_through_a_transposed_weight_matches_mm(dtype):
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
-def test_16bit_products_in_fp32_work_in_kept_scratch_blocks(monkeypatch):
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40), "transposed"])
+def test_16bit_products_in_fp32_work_in_kept_scratch_blocks(monkeypatch, shape):
     """The fp32 route's blocks (x rows, weight, product) are this thread's scratch buffers: a second
     call of the same shape allocates none of them again, and with nothing kept (cap 0: a fresh
-    buffer per block) the product is bit-identical."""
+    buffer per block) the product is bit-identical. Shapes: blocks of the summed dimension
+    (out < in), of output columns (out > in), and a transposed-view weight (the input gradient)."""
+    import threading
+
     from peftkit.kernels import _scratch
 
     monkeypatch.setattr(_gemm, "native_16bit_gemm", lambda dtype: False)
+    monkeypatch.setattr(_scratch, "_THREAD_BUFFERS", threading.local())  # this test's buffers only
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(600, 96, generator=g).to(torch.bfloat16)
-    w = torch.randn(40, 96, generator=g).to(torch.bfloat16)
-    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 96 * 16)  # weight blocks of 16 rows, x blocks of 256
+    out_features, in_features = (40, 96) if shape == "transposed" else shape
+    x = torch.randn(600, in_features, generator=g).to(torch.bfloat16)
+    w = (torch.randn(in_features, out_features, generator=g).t() if shape == "transposed"
+         else torch.randn(out_features, in_features, generator=g)).to(torch.bfloat16)
+    # weight blocks of 16 along the longer side; x goes through in row blocks of 256
+    monkeypatch.setattr(_gemm, "UPCAST_BLOCK_BYTES", 4 * 16 * min(out_features, in_features))
     first = _gemm.linear_nt(x, w)
-    kept = {key[1]: t.data_ptr() for key, t in _scratch.held().items() if key[1].startswith("gemm_")}
-    assert set(kept) == {"gemm_x", "gemm_weight", "gemm_product"}
+    want = (x.double() @ w.double().t()).to(torch.bfloat16)
+    torch.testing.assert_close(first, want, rtol=2 ** -7, atol=0)
+    kept = {key[1]: t.data_ptr() for key, t in _scratch.held().items()}
+    assert set(kept) == {"gemm/x", "gemm/weight", "gemm/product"}
     assert torch.equal(_gemm.linear_nt(x, w), first)
-    assert {key[1]: t.data_ptr() for key, t in _scratch.held().items() if key[1] in kept} == kept
+    assert {key[1]: t.data_ptr() for key, t in _scratch.held().items()} == kept
     monkeypatch.setattr(_scratch, "SCRATCH_CAP_BYTES", 0)
     _scratch.held().clear()
     assert torch.equal(_gemm.linear_nt(x, w), first) and _scratch.scratch_bytes_held() == 0
+
+
+def test_the_fp32_route_after_inference_mode_and_under_create_graph(monkeypatch):
+    """Buffers first made under torch.inference_mode are ordinary tensors, so training after an
+    evaluation can write them; with autograd recording (a create_graph backward) the product is
+    torch's own, differentiable."""
+    import threading
+
+    from peftkit.kernels import _scratch
+
+    monkeypatch.setattr(_gemm, "native_16bit_gemm", lambda dtype: False)
+    monkeypatch.setattr(_scratch, "_THREAD_BUFFERS", threading.local())  # every buffer made below
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        evaluated = _gemm.linear_nt(x * 2, w)
+    assert _scratch.scratch_bytes_held("gemm") > 0
+    trained = _gemm.linear_nt(x, w)
+    assert torch.equal(evaluated, _gemm.linear_nt(x * 2, w))
+    xg = x.clone().requires_grad_()
+    y = _gemm.linear_nt(xg, w)  # recorded: torch's kernel
+    (grad,) = torch.autograd.grad(y.float().sum(), xg, create_graph=True)
+    assert y.grad_fn is not None and grad.shape == x.shape
+    torch.testing.assert_close(y, trained, rtol=2 ** -7, atol=0)

@@ -223,3 +223,36 @@ def test_causal_lm_loss_shapes_checked():
         causal_lm_loss(torch.randn(2, 5, H), torch.randn(V, H), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"hidden must be a floating-point \[B, T, H\]"):
         causal_lm_loss(torch.randn(10, H), torch.randn(V, H), torch.zeros(10, dtype=torch.long))
+
+
+def _loss_and_grads(h, w, b, labels, dtype):
+    hd, wd, bd = (t.detach().to(dtype).requires_grad_() for t in (h, w, b))
+    loss = linear_cross_entropy(hd, wd, labels, bias=bd, chunk_size=24)
+    loss.backward()
+    return loss, hd.grad, wd.grad, bd.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_pass_buffers_change_no_bit(monkeypatch, dtype):
+    """bf16 without native GEMMs: logits and the hidden-state gradient written by `product_into`
+    into the pass's buffers equal the earlier route (`linear_nt`'s fp32 product, rounded, copied
+    in); fp32 on a CPU without oneDNN: `mm(out=)` into the pass's buffer equals a fresh product."""
+    from peftkit.kernels import _gemm
+    from peftkit.kernels import cross_entropy as ce
+
+    monkeypatch.setattr(_gemm, "native_16bit_gemm", lambda d: False)
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(70, 48, generator=g), torch.randn(300, 48, generator=g) / 7
+    b, labels = torch.randn(300, generator=g), torch.randint(0, 300, (70,), generator=g)
+    got = _loss_and_grads(h, w, b, labels, dtype)
+    if dtype == torch.bfloat16:  # the earlier route: fresh 16-bit products from linear_nt
+        def earlier(out, x32, weight, bias32=None):
+            return out.copy_(_gemm.linear_nt(x32.to(weight.dtype), weight, None if bias32 is None else
+                                             bias32.to(weight.dtype)))
+        monkeypatch.setattr(ce, "product_into", earlier)
+        monkeypatch.setattr(ce, "upcast_to_scratch", lambda t, slot: t.float())
+    else:  # the oneDNN-side branch: linear_nt's new tensor (torch.mm here)
+        monkeypatch.setattr(ce, "onednn_fp32_available", lambda: True)
+    want = _loss_and_grads(h, w, b, labels, dtype)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _scratch
 
-__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "product_into", "slow_16bit_gemm"]
+__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "product_into", "slow_16bit_gemm", "upcast_to_scratch"]
 
 
 def _onednn_fp32() -> bool:
@@ -84,9 +84,10 @@ def slow_16bit_gemm(x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and not native_16bit_gemm(x.dtype))
 
 
-# fp32 blocks of `_via_fp32`: weight blocks, and row blocks of x and of the product. They are
-# this thread's scratch buffers (`_scratch`): fresh ones per block were ~1000 MB-sized
-# allocations per training step, which left holes in glibc's heap between the activations.
+# fp32 blocks of `_via_fp32`: weight blocks of at most UPCAST_BLOCK_BYTES, and row blocks of x and
+# of the product (at least 256 rows). They are this thread's scratch buffers (`_scratch`, within
+# its budget): fresh ones per block, about a thousand MB-sized allocations per training step of
+# the route benchmark's width a, left holes in glibc's heap between the activations.
 UPCAST_BLOCK_BYTES = 1 << 20
 
 
@@ -98,35 +99,37 @@ def _via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     n, (out_features, in_features) = x.shape[0], weight.shape
     out = x.new_empty(n, out_features)
     if weight.numel() * 4 <= UPCAST_BLOCK_BYTES:
-        weight = _upcast(weight, "gemm_weight")
+        weight = upcast_to_scratch(weight, "gemm/weight")
     bias32 = None if bias is None else bias.float()
     step = max(256, UPCAST_BLOCK_BYTES // (4 * max(in_features, out_features)))
     for start in range(0, n, step):
-        product_into(out[start:start + step], _upcast(x[start:start + step], "gemm_x"), weight, bias32)
+        product_into(out[start:start + step], upcast_to_scratch(x[start:start + step], "gemm/x"), weight, bias32)
     return out
 
 
 def product_into(out: Tensor, x32: Tensor, weight: Tensor, bias32: Tensor | None = None) -> Tensor:
-    """out[:] = x32 @ weightᵀ (+ bias32), for fp32 x32 [M, in] and weight [out, in] (may be a
-    transposed view): computed in fp32 and rounded once into `out` (any float dtype). A 16-bit
-    weight is upcast UPCAST_BLOCK_BYTES at a time along its longer side, the block's other side
-    whole: blocks of output columns, or blocks of the summed dimension accumulated in fp32."""
+    """out[:] = x32 @ weightᵀ (+ bias32), for fp32 x32 [M, in] and a bf16 / fp16 / fp32 weight
+    [out, in] (may be a transposed view): computed in fp32 and rounded once into `out` (any float
+    dtype). A 16-bit weight is upcast UPCAST_BLOCK_BYTES at a time along its longer side, the
+    block's other side whole: blocks of output columns, or blocks of the summed dimension
+    accumulated in fp32. Works in this thread's "gemm/weight" and "gemm/product" scratch
+    buffers, so x32 may be the "gemm/x" one; not differentiable (call without autograd)."""
     rows, (out_features, in_features) = x32.shape[0], weight.shape
-    upcast = weight.dtype != torch.float32
+    upcast = weight.dtype in (torch.bfloat16, torch.float16)
     if out_features >= in_features or not upcast:
-        step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features)) if upcast else out_features
+        step = max(1, UPCAST_BLOCK_BYTES // (4 * in_features) if upcast else out_features)
         for start in range(0, out_features, step):
-            w32 = _upcast(weight[start:start + step], "gemm_weight") if upcast else weight
-            y32 = _fp32_scratch("gemm_product", (rows, w32.shape[0]), x32.device)
+            w32 = upcast_to_scratch(weight[start:start + step], "gemm/weight") if upcast else weight
+            y32 = _fp32_scratch("gemm/product", (rows, w32.shape[0]), x32.device)
             torch.mm(x32, w32.t(), out=y32)
             if bias32 is not None:
                 y32 += bias32[start:start + step]
             out[:, start:start + step].copy_(y32)
         return out
-    acc = _fp32_scratch("gemm_product", (rows, out_features), x32.device).zero_()
+    acc = _fp32_scratch("gemm/product", (rows, out_features), x32.device).zero_()
     step = max(1, UPCAST_BLOCK_BYTES // (4 * out_features))
     for start in range(0, in_features, step):
-        acc.addmm_(x32[:, start:start + step], _upcast(weight[:, start:start + step], "gemm_weight").t())
+        acc.addmm_(x32[:, start:start + step], upcast_to_scratch(weight[:, start:start + step], "gemm/weight").t())
     if bias32 is not None:
         acc += bias32
     return out.copy_(acc)
@@ -136,12 +139,18 @@ def _fp32_scratch(slot: str, shape: tuple[int, int], device) -> Tensor:
     return _scratch.scratch(device, shape[0] * shape[1], slot, torch.float32).view(shape)
 
 
-def _upcast(t: Tensor, slot: str) -> Tensor:
-    """2-D `t` in fp32 (exact) in this thread's scratch buffer `slot`, in t's layout where t is a
-    transposed view (the input gradient's weight), else contiguous."""
+def upcast_to_scratch(t: Tensor, slot: str) -> Tensor:
+    """2-D `t` in fp32 (exact) in this thread's scratch buffer `slot` ("gemm/..."), in t's layout
+    where t is a transposed view (the input gradient's weight), else contiguous."""
     if not t.is_contiguous() and t.t().is_contiguous():
-        return _upcast(t.t(), slot).t()
+        return upcast_to_scratch(t.t(), slot).t()
     return _fp32_scratch(slot, tuple(t.shape), t.device).copy_(t)
+
+
+def _recording(*tensors: Tensor) -> bool:
+    """Whether autograd records ops on these (a backward run with create_graph=True): the fp32
+    route writes into scratch buffers, which cannot be part of a graph; torch's kernel then runs."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -154,7 +163,7 @@ def linear_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     MKL (50-90 GFLOP/s) by `_via_fp32`: the same arithmetic, one rounding at the end (eager
     only: a compiled graph keeps torch's kernel)."""
     if (x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
-            and weight.dtype == x.dtype and weight.dim() == 2 and slow_16bit_gemm(x)):
+            and weight.dtype == x.dtype and weight.dim() == 2 and slow_16bit_gemm(x) and not _recording(x, weight)):
         return _via_fp32(x, weight, bias)
     if (
         x.dtype == torch.float32

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import compute_dtype, select
-from ._gemm import linear_nt, onednn_fp32_available, product_into, slow_16bit_gemm
+from ._gemm import linear_nt, onednn_fp32_available, product_into, slow_16bit_gemm, upcast_to_scratch
 
 __all__ = [
     "linear_cross_entropy",
@@ -96,15 +96,15 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
     grad_b = torch.zeros(w.shape[0], dtype=acc, device=w.device) if want_b else None
     # One pair of chunk buffers for the whole pass: a fresh multi-MB allocation per chunk
     # costs a page fault per 4 KiB page on CPU (~8 ms per 32 MB chunk measured), more than
-    # the elementwise work on it. When cd is fp32 the fp32 buffer is the matmul's output.
+    # the elementwise work on it.
     rows = max(1, min(rows, h.shape[0]))
     low = cd != acc
-    # bf16 / fp16 without native GEMMs: the logits and the hidden-state gradient through linear_nt's
-    # fp32 route (5-10x faster there)
+    # bf16 / fp16 without native GEMMs: the logits and the hidden-state gradient computed in fp32
+    # by `product_into`, rounded once (5-10x faster there than torch's 16-bit kernel)
     via_fp32 = low and not torch.compiler.is_compiling() and slow_16bit_gemm(w)
     b32 = None if b is None or not via_fp32 else b.float()
-    # fp32 on a CPU: the logits go into the pass's buffer as well (not a fresh chunk-sized output
-    # per chunk), except where linear_nt takes oneDNN, which writes a new tensor
+    # cd fp32 (or wider) on a CPU: the logits are computed into the fp32 buffer too (no fresh
+    # chunk-sized output per chunk), except where linear_nt takes oneDNN, which returns a new tensor
     fp32_into_buffer = not low and h.device.type == "cpu" and not onednn_fp32_available()
     buf_cd = torch.empty((rows, w.shape[0]), dtype=cd, device=h.device) if low else None
     buf_acc = torch.empty((rows, w.shape[0]), dtype=acc, device=h.device) if low or fp32_into_buffer else None
@@ -114,7 +114,7 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
         if low:
             logits_cd = buf_cd[: end - start]
             if via_fp32:  # rounded to cd, as the 16-bit product is
-                product_into(logits_cd, hc.float(), w, b32)
+                product_into(logits_cd, upcast_to_scratch(hc, "gemm/x"), w, b32)
             elif b is None:
                 torch.mm(hc, w.t(), out=logits_cd)
             else:

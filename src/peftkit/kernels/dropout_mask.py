@@ -26,9 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._scratch import held as _held
-from ._scratch import keep as _keep
-from ._scratch import scratch as _scratch
+from . import _scratch as scratch_buffers
 
 __all__ = ["add_masked_", "apply_mask", "draw_and_apply", "draw_seed", "dropout_keep_mask", "keep_rescale"]
 
@@ -211,12 +209,19 @@ def _random_bits(seed: int, count: int, device) -> tuple[Tensor, Tensor]:
 
 def _weyl_steps(device, count: int) -> Tensor:
     """[count] int64: i * golden (mod 2^64) for i = 0, 1, ...; kept per thread and device (within
-    `_scratch.SCRATCH_CAP_BYTES`), so a mask's counters cost one pass (a state add) instead of three."""
-    key = (torch.device(device), "weyl", torch.int64)
-    steps = _held().get(key)
+    the mask's budget in `kernels._scratch`), so a mask's counters cost one pass (a state add)
+    instead of three."""
+    key = (torch.device(device), "dropout/weyl", torch.int64)
+    steps = scratch_buffers.held().get(key)
     if steps is None or steps.numel() < count:
-        steps = _keep(key, torch.arange(count, dtype=torch.int64, device=device).mul_(_GOLDEN))
+        steps = scratch_buffers.keep(key, torch.arange(count, dtype=torch.int64, device=device).mul_(_GOLDEN))
     return steps[:count]
+
+
+def _scratch(device, count: int, slot: str, dtype: torch.dtype = torch.int64) -> Tensor:
+    """This thread's dropout-mask buffer `slot` (`kernels._scratch`; never held by a caller of
+    the mask functions beyond one forward or backward call of the op)."""
+    return scratch_buffers.scratch(device, count, "dropout/" + slot, dtype)
 
 
 @torch.compiler.disable  # bit-exact as in eager (64-bit products that overflow by design)
