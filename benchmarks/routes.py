@@ -309,9 +309,17 @@ def run_route(spec: dict, model, batches, adapter_dir: str, workdir: str) -> _Cl
 
 
 def _base_alone(model, batches, clock: _Clock) -> _Clock:
-    """The floor: forward + backward of the frozen base with the chunked loss, no adapter. The
-    first decoder layer's output is made to require grad, so the backward runs through every
-    layer above it, as an adapter's gradients need it to."""
+    step = base_alone_step(model)
+    clock.start()
+    for ids in batches:
+        clock.step_end(step(ids))
+    return clock
+
+
+def base_alone_step(model):
+    """The floor's step function (ids -> loss): forward + backward of the frozen base with the
+    chunked loss, no adapter. The first decoder layer's output is made to require grad, so the
+    backward runs through every layer above it, as an adapter's gradients need it to."""
     import torch
 
     from peftkit.kernels import causal_lm_loss
@@ -319,17 +327,34 @@ def _base_alone(model, batches, clock: _Clock) -> _Clock:
     def needs_grad(module, args, output):
         (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
 
-    hook = model.model.layers[0].register_forward_hook(needs_grad)
+    model.model.layers[0].register_forward_hook(needs_grad)
     _through_fast_gemm(model.model)
-    clock.start()
-    for ids in batches:
+
+    def step(ids) -> float:
         hidden = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
         loss_sum, n = causal_lm_loss(hidden, model.lm_head.weight, ids)
         loss = loss_sum / n
         loss.backward()
-        clock.step_end(loss.item())
-    hook.remove()
-    return clock
+        return loss.item()
+
+    return step
+
+
+def plain_step(model, lr: float):
+    """The plain loop's step function (ids -> loss), AdamW over the trainable parameters."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+
+    def step(ids) -> float:
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
 def _through_fast_gemm(backbone) -> None:

@@ -86,3 +86,21 @@ def test_routes_run_every_route_on_both_sides_with_equal_losses(tmp_path):
     assert floor["time_vs_peft"] == floor["s_per_step"] / by_route["plain"]["peft"]["s_per_step"]
     assert "time_met" not in floor and "peak_met" not in floor
     assert by_route["trainer"]["peft"]["loss_path"] == "full logits"
+
+
+def test_paired_steps_times_the_three_sides_on_the_same_batches():
+    """benchmarks/paired_steps.py at the tiny shape: peft, peftkit and the base alone in one
+    process; the first losses agree (the initial adapter's B is zero), peftkit's and peft's after
+    their optimizer steps too, and each ratio is taken per round."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import paired_steps
+
+    r = paired_steps.measure("tiny", "fp32", rounds=2, warmup=1, threads=1)
+    first = {side: losses[0] for side, losses in r["losses"].items()}
+    assert abs(first["peftkit"] - first["peft"]) < 1e-5 and abs(first["floor"] - first["peft"]) < 1e-5
+    assert all(abs(a - b) < 1e-5 for a, b in zip(r["losses"]["peftkit"], r["losses"]["peft"]))
+    assert len(r["step_times"]["peft"]) == 2
+    for side in ("peftkit", "floor"):
+        pairs = r[f"{side}_vs_peft"]["per_round"]
+        assert pairs == [a / b for a, b in zip(r["step_times"][side], r["step_times"]["peft"])]
+        assert r[f"{side}_vs_peft"]["median"] == (pairs[0] + pairs[1]) / 2
