@@ -230,8 +230,6 @@ def _tokenizer(vocab: int):
 
 
 def run_route(spec: dict, model, batches, adapter_dir: str, workdir: str) -> _Clock:
-    import torch
-
     clock = _Clock()
     route, side = spec["route"], spec["side"]
     rows = [{"input_ids": ids.tolist(), "attention_mask": [1] * ids.numel(), "labels": ids.tolist()}
@@ -288,23 +286,15 @@ def run_route(spec: dict, model, batches, adapter_dir: str, workdir: str) -> _Cl
         return _base_alone(model, batches, clock)
 
     # plain and accelerate: the user's own loop
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
-    backward = torch.Tensor.backward
+    accelerator = None
     if route == "accelerate":
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=True)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        backward = accelerator.backward
-    model.train()
+    step = plain_step(model, spec["lr"], accelerator)
     clock.start()
     for ids in batches:
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        loss = model(**batch).loss
-        backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.step_end(loss.item())
+        clock.step_end(step(ids))
     return clock
 
 
@@ -340,16 +330,21 @@ def base_alone_step(model):
     return step
 
 
-def plain_step(model, lr: float):
-    """The plain loop's step function (ids -> loss), AdamW over the trainable parameters."""
+def plain_step(model, lr: float, accelerator=None):
+    """The plain loop's step function (ids -> loss), AdamW over the trainable parameters; with an
+    `accelerator`, model and optimizer go through `prepare` and the backward through it."""
     import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    backward = torch.Tensor.backward
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        backward = accelerator.backward
     model.train()
 
     def step(ids) -> float:
         loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        loss.backward()
+        backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()

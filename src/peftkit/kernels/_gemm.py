@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import _scratch
 
-__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "product_into", "slow_16bit_gemm", "upcast_to_scratch"]
+__all__ = ["linear_nt", "native_16bit_gemm", "onednn_fp32_available", "product_into", "slow_16bit_gemm",
+           "upcast_to_scratch"]
 
 
 def _onednn_fp32() -> bool:
