@@ -115,10 +115,8 @@ def _chunk_pass(h, w, b, labels, valid, rows, cd, want_h, want_w, want_b):
             logits_cd = buf_cd[: end - start]
             if via_fp32:  # rounded to cd, as the 16-bit product is
                 product_into(logits_cd, upcast_to_scratch(hc, "gemm/x"), w, b32)
-            elif b is None:
-                torch.mm(hc, w.t(), out=logits_cd)
             else:
-                torch.addmm(b, hc, w.t(), out=logits_cd)
+                _mm_out(logits_cd, hc, w, b)
             logits = buf_acc[: end - start].copy_(logits_cd)
         else:
             logits = linear_nt(hc, w, b) if buf_acc is None else _mm_out(buf_acc[: end - start], hc, w, b)

@@ -217,10 +217,11 @@ def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layers (`_DequantizingBackward`); 8-bit layers (LLM.int8's own backward) run as they are. In
     training a bitsandbytes 4-bit layer on the CPU computes by rows (`_by_rows`): the same output
     (bit for bit in bf16 as measured; in fp32 to summation order, the product split by columns)."""
-    if (quantized_format(module) in (BNB_4BIT, TORCHAO_NF4) and torch.is_grad_enabled() and x.requires_grad
-            and not any(p.requires_grad for p in module.parameters())):
+    if any(p.requires_grad for p in module.parameters()):
+        return module(x)
+    if quantized_format(module) in (BNB_4BIT, TORCHAO_NF4) and torch.is_grad_enabled() and x.requires_grad:
         return _DequantizingBackward.apply(x, module)
-    if module.training and _by_rows(module, x) and not any(p.requires_grad for p in module.parameters()):
+    if module.training and _by_rows(module, x):
         return _chunked_4bit_forward(module, x)  # no gradient: it saves nothing for backward
     return module(x)
 
